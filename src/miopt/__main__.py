@@ -1,0 +1,5 @@
+import sys
+
+from miopt.cli import main
+
+sys.exit(main())

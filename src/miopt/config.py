@@ -1,0 +1,132 @@
+"""Options from dataclasses: command-line flags and YAML files from one definition.
+
+Each command declares its options as a dataclass whose fields carry ``help`` metadata.
+``add_options`` turns the fields into ``--kebab-case`` flags (defaults shown in ``--help``);
+``resolve`` merges defaults < YAML file (``--config``) < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from miopt.errors import MioptError
+
+T = TypeVar("T")
+
+
+class ConfigError(MioptError, ValueError):
+    """Bad option value or config file; the message names the file and the key."""
+
+
+def option(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with its help text (shown in ``--help``)."""
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: default.copy(), metadata={"help": help, **extra})
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """(scalar type, is_list) for annotations like ``int``, ``str | None``, ``list[str]``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is list:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_options(parser: argparse.ArgumentParser, schema: type) -> None:
+    """Add one flag per field of the dataclass ``schema``; defaults are SUPPRESSed so that only
+    flags actually given reach ``resolve`` (that is how flags win over the YAML file)."""
+    hints = typing.get_type_hints(schema)
+    parser.add_argument("--config", default=argparse.SUPPRESS, help="YAML file of options (flags win). Default: none")
+    for field in dataclasses.fields(schema):
+        kind, is_list = _base_type(hints[field.name])
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        flag = "--" + field.name.replace("_", "-")
+        text = f"{field.metadata.get('help', '')} Default: {default!r}"
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text, "dest": field.name}
+        if "choices" in field.metadata:
+            kwargs["choices"] = field.metadata["choices"]
+        if kind is bool:
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, metavar="BOOL", **kwargs)
+        elif is_list:
+            parser.add_argument(flag, type=kind, nargs="+", **kwargs)
+        else:
+            parser.add_argument(flag, type=kind, **kwargs)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+def resolve(schema: type[T], args: argparse.Namespace | dict[str, Any] | None = None) -> T:
+    """Build the options: defaults, then the YAML file named by ``config``, then explicit flags."""
+    given = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args or {})
+    config_path = given.pop("config", None)
+    given = {key: value for key, value in given.items() if not key.startswith("_")}
+    names = {field.name for field in dataclasses.fields(schema)}
+    values: dict[str, Any] = {}
+    if config_path:
+        from_file = load_yaml(config_path)
+        unknown = sorted(set(from_file) - names)
+        if unknown:
+            raise ConfigError(f"{config_path}: unknown option(s) {', '.join(unknown)}")
+        hints = typing.get_type_hints(schema)
+        for key, value in from_file.items():
+            values[key] = _coerce(value, hints[key], f"{config_path}: option {key!r}")
+    values.update({key: value for key, value in given.items() if key in names})
+    return schema(**values)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    kind, is_list = _base_type(annotation)
+    if value is None:
+        return None
+    try:
+        if is_list:
+            items = value if isinstance(value, list) else [value]
+            return [kind(item) for item in items]
+        if kind is bool and isinstance(value, str):
+            return _parse_bool(value)
+        if kind is float and isinstance(value, int | float | str):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is str:
+            return str(value)
+        if isinstance(value, kind):
+            return value
+        return kind(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+        raise ConfigError(f"{where}: cannot read {value!r} as {getattr(kind, '__name__', kind)}") from error
+
+
+def as_dict(options: Any) -> dict[str, Any]:
+    return dataclasses.asdict(options)

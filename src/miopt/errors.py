@@ -1,0 +1,26 @@
+"""Errors users see: each names where the problem is (file, line or record, field)."""
+
+from __future__ import annotations
+
+
+class MioptError(Exception):
+    """Base class: the CLI prints these as one line and exits non-zero."""
+
+
+class DataError(MioptError):
+    """A bad record or file. ``str(error)`` reads ``FILE:LINE: field 'F': what is wrong``."""
+
+    def __init__(self, message: str, *, source: str | None = None, field: str | None = None) -> None:
+        self.source = source
+        self.field = field
+        parts = []
+        if source:
+            parts.append(f"{source}:")
+        if field:
+            parts.append(f"field {field!r}:")
+        parts.append(message)
+        super().__init__(" ".join(parts))
+
+
+class OptionError(MioptError):
+    """A bad option value (unknown objective, missing model path, ...)."""
