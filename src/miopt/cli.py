@@ -15,6 +15,9 @@ from miopt.errors import MioptError
 COMMANDS = {
     "train": "miopt.commands.train",
     "sft": "miopt.commands.sft",
+    "eval": "miopt.commands.evaluate",
+    "data": "miopt.commands.data",
+    "toy": "miopt.commands.toy",
 }
 
 

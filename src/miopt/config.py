@@ -56,19 +56,23 @@ def add_options(parser: argparse.ArgumentParser, schema: type) -> None:
     """Add one flag per field of the dataclass ``schema``; defaults are SUPPRESSed so that only
     flags actually given reach ``resolve`` (that is how flags win over the YAML file)."""
     hints = typing.get_type_hints(schema)
-    parser.add_argument("--config", default=argparse.SUPPRESS, help="YAML file of options (flags win). Default: none")
+    parser.add_argument(
+        "--config", default=argparse.SUPPRESS, help="YAML file of options (flags win). Default: none"
+    )
     for field in dataclasses.fields(schema):
         kind, is_list = _base_type(hints[field.name])
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         flag = "--" + field.name.replace("_", "-")
         text = f"{field.metadata.get('help', '')} Default: {default!r}"
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text, "dest": field.name}
-        if "choices" in field.metadata:
-            kwargs["choices"] = field.metadata["choices"]
+        for key in ("choices", "nargs", "const"):
+            if key in field.metadata:
+                kwargs[key] = field.metadata[key]
         if kind is bool:
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, metavar="BOOL", **kwargs)
         elif is_list:
-            parser.add_argument(flag, type=kind, nargs="+", **kwargs)
+            kwargs.setdefault("nargs", "+")
+            parser.add_argument(flag, type=kind, **kwargs)
         else:
             parser.add_argument(flag, type=kind, **kwargs)
 

@@ -50,7 +50,8 @@ def get(name: str, sft_weight: float = 0.0) -> Objective:
         raise UnknownObjectiveError(f"unknown objective {name!r}; valid objectives: {', '.join(available())}")
     entry = _REGISTRY[name]
     objective = entry() if inspect.isclass(entry) else entry
-    return with_sft_term(objective, sft_weight) if sft_weight > 0 else objective
+    # Any non-zero weight goes through with_sft_term, which rejects negative weights.
+    return with_sft_term(objective, sft_weight) if sft_weight != 0 else objective
 
 
 def is_reference_free(objective: Objective) -> bool:

@@ -138,7 +138,9 @@ def masked_logmeanexp(values: Tensor, mask: Tensor) -> Tensor:
     return torch.logsumexp(filled, dim=-1) - torch.log(mask.sum(-1).to(values.dtype))
 
 
-def pairwise_mean(loss_of_margin: Callable[[Tensor], Tensor], chosen: Tensor, rejected: Tensor, mask: Tensor) -> Tensor:
+def pairwise_mean(
+    loss_of_margin: Callable[[Tensor], Tensor], chosen: Tensor, rejected: Tensor, mask: Tensor
+) -> Tensor:
     """Listwise extension of a pairwise loss: mean of ``loss(T_w - T_k)`` over real negatives."""
     return masked_mean(loss_of_margin(chosen.unsqueeze(-1) - rejected), mask)
 
@@ -150,7 +152,8 @@ def dv_bound(chosen: Tensor, rejected: Tensor, mask: Tensor) -> Tensor:
     means the same thing across them.
     """
     values, full_mask = with_positive(chosen, rejected, mask)
-    return (chosen - masked_logmeanexp(values, full_mask)).detach()
+    # Relative to T_w first, so that large critics do not cancel (see estimators.dv).
+    return (-masked_logmeanexp(values - chosen.unsqueeze(-1), full_mask)).detach()
 
 
 def evaluate(body: LossBody, chosen: Tensor, rejected: Tensor, mask: Tensor) -> ObjectiveOutput:
@@ -161,10 +164,12 @@ def evaluate(body: LossBody, chosen: Tensor, rejected: Tensor, mask: Tensor) -> 
     formula per objective (theory.md section 4 gives them for DV and JS; tests compare).
     """
     losses, bound = body(chosen, rejected, mask)
-    with torch.enable_grad():
-        chosen_leaf = chosen.detach().requires_grad_(True)
-        rejected_leaf = rejected.detach().requires_grad_(True)
-        leaf_losses, _ = body(chosen_leaf, rejected_leaf, mask)
+    # Also under no_grad / inference_mode (evaluation loops): inference tensors cannot enter an
+    # autograd graph, so the leaves (and the mask the body saves for backward) are normal clones.
+    with torch.inference_mode(False), torch.enable_grad():
+        chosen_leaf = chosen.detach().clone().requires_grad_(True)
+        rejected_leaf = rejected.detach().clone().requires_grad_(True)
+        leaf_losses, _ = body(chosen_leaf, rejected_leaf, mask.clone())
         d_chosen, d_rejected = torch.autograd.grad(leaf_losses.sum(), (chosen_leaf, rejected_leaf))
     return ObjectiveOutput(
         losses=losses,
@@ -180,7 +185,11 @@ def evaluate(body: LossBody, chosen: Tensor, rejected: Tensor, mask: Tensor) -> 
 def accepts(objective: Objective, option: str) -> bool:
     """Whether ``objective`` takes the keyword ``option`` (batch-provided options such as lengths)."""
     target = objective if inspect.isfunction(objective) else objective.__call__
-    return option in inspect.signature(target).parameters
+    if option in inspect.signature(target).parameters:
+        return True
+    # Wrappers (with_sft_term) forward their **kwargs to the objective they wrap.
+    inner = getattr(objective, "inner", None)
+    return inner is not None and accepts(inner, option)
 
 
 LOG2 = math.log(2.0)

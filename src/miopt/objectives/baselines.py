@@ -177,7 +177,12 @@ class BCO:
         rejected_mask: Tensor | None = None,
     ) -> ObjectiveOutput:
         chosen, rejected, mask = critic_values(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, rejected_mask
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            beta,
+            rejected_mask,
         )
         delta = self.offset
 

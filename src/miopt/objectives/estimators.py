@@ -20,7 +20,6 @@ from miopt.objectives.base import (
     check_negatives,
     critic_values,
     evaluate,
-    masked_logmeanexp,
     masked_mean,
     with_positive,
 )
@@ -59,12 +58,15 @@ def dv(
             values, full_mask = with_positive(t_w, t_neg, neg_mask)
         else:
             values, full_mask = t_neg, neg_mask
-        bound = t_w - masked_logmeanexp(values, full_mask)
-        if negatives == "marginal":
-            # -T_w + logsumexp over the K_b + 1 real entries: log(K_b + 1) - bound.
-            losses = torch.log(full_mask.sum(-1).to(t_w.dtype)) - bound
-        else:
-            losses = -bound
+        # Critics relative to T_w before the logsumexp: -T_w + logsumexp(T) computed as
+        # logsumexp(T - T_w) depends on the margins only, so large critics do not cancel
+        # catastrophically (float32 at |T| ~ 1e4 would otherwise be off by ~1e-3, even negative).
+        relative = values - t_w.unsqueeze(-1)
+        log_sum = torch.logsumexp(relative.masked_fill(~full_mask, float("-inf")), dim=-1)
+        log_count = torch.log(full_mask.sum(-1).to(t_w.dtype))
+        bound = log_count - log_sum  # T_w - log mean_Q exp T
+        # marginal: -T_w + logsumexp over the K_b + 1 real entries = log(K_b + 1) - bound.
+        losses = log_sum if negatives == "marginal" else -bound
         return losses, bound
 
     return evaluate(body, chosen, rejected, mask)

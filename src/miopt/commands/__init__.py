@@ -1,0 +1,1 @@
+"""One module per ``miopt`` sub-command (see miopt.cli)."""

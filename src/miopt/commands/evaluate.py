@@ -1,0 +1,136 @@
+"""``miopt eval``: accuracy of a model on a reasoning / math / multiple-choice data set."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from miopt.config import add_options, as_dict, option, resolve
+from miopt.errors import OptionError
+
+HELP = "Evaluate a model: generation (GSM8K, MATH, arithmetic) or multiple choice; accuracy with a 95% CI."
+
+
+@dataclass
+class EvalOptions:
+    model: str = option("", "Model folder (AutoModelForCausalLM / AutoTokenizer), or 'builtin' (untrained; smoke tests).")
+    data: str = option("", "JSONL file (GSM8K, MATH, multiple-choice or generic format; docs/evaluation.md) or 'arithmetic'.")
+    output_dir: str | None = option(None, "Folder for summary.json and predictions.jsonl (none: print only).")
+    limit: int | None = option(None, "Evaluate only the first N records.")
+    max_new_tokens: int = option(256, "Most tokens generated per answer.")
+    batch_size: int = option(16, "Prompts per batch.")
+    num_samples: int = option(1, "Samples per prompt (>1: majority vote and pass@k; needs --temperature > 0).")
+    temperature: float = option(0.0, "Sampling temperature; 0 = greedy.")
+    top_p: float = option(1.0, "Nucleus sampling threshold.")
+    pass_k: list[int] | None = option(None, "k values for pass@k with several samples (default: 1 and num_samples).")
+    stop: list[str] | None = option(None, "Stop strings (default by answer type: GSM8K '\\n\\n', arithmetic '\\n').")
+    chat_template: bool = option(False, "Wrap each prompt as a user turn with the tokenizer's chat template.")
+    system_prompt: str | None = option(None, "System message when --chat-template is on.")
+    few_shot: int = option(0, "Number of worked examples put before each prompt.")
+    few_shot_file: str | None = option(None, "Where the few-shot examples come from (default: the first records of --data, then not evaluated).")
+    seed: int = option(0, "Random seed for sampling.")
+    device: str = option("auto", "Device: auto, cpu, cuda, cuda:1, ...")
+    dtype: str = option("auto", "Model weights' dtype.", choices=["auto", "float32", "bfloat16", "float16"])
+    progress: bool = option(True, "Show a progress bar on stderr.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, EvalOptions)
+
+
+def load_model(name: str, *, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+    """(model, tokenizer) from a folder with ``from_pretrained``, or the built-in tiny model."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "builtin":
+        from miopt.builtin import build_model, build_tokenizer
+
+        tokenizer = build_tokenizer()
+        model = build_model(tokenizer)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kwargs: dict[str, Any] = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        except (OSError, ValueError) as error:
+            raise OptionError(f"cannot load model {name!r}: {error}") from error
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    from miopt.evaluation.io import write_json_atomic, write_jsonl_atomic
+    from miopt.evaluation.runner import evaluate
+    from miopt.evaluation.tasks import few_shot_prefix, load_records
+
+    options = resolve(EvalOptions, args)
+    if not options.model:
+        raise OptionError("give --model (a model folder, or 'builtin')")
+    if not options.data:
+        raise OptionError("give --data (a JSONL file, or 'arithmetic')")
+    if options.num_samples < 1:
+        raise OptionError("--num-samples must be at least 1")
+    if options.num_samples > 1 and options.temperature <= 0:
+        raise OptionError("--num-samples > 1 needs sampling: give --temperature above 0 (e.g. 0.7)")
+    if options.limit is not None and options.limit < 1:
+        raise OptionError("--limit must be at least 1")
+    if options.few_shot < 0:
+        raise OptionError("--few-shot must be 0 or more")
+
+    prefix = ""
+    if options.few_shot and options.few_shot_file:
+        examples = load_records(options.few_shot_file, limit=options.few_shot)
+        records = load_records(options.data, limit=options.limit)
+    else:
+        extra = options.few_shot
+        records = load_records(options.data, limit=None if options.limit is None else options.limit + extra)
+        examples, records = records[:extra], records[extra:]
+    if options.few_shot:
+        prefix = few_shot_prefix(examples)
+
+    model, tokenizer = load_model(options.model, device=options.device, dtype=options.dtype)
+    summary, predictions = evaluate(
+        model,
+        tokenizer,
+        records,
+        max_new_tokens=options.max_new_tokens,
+        batch_size=options.batch_size,
+        num_samples=options.num_samples,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        stop=options.stop,
+        few_shot_prefix=prefix,
+        chat_template=options.chat_template,
+        system_prompt=options.system_prompt,
+        seed=options.seed,
+        pass_k=options.pass_k,
+        progress=options.progress,
+    )
+    summary = {"model": options.model, "data": options.data, **summary, "options": as_dict(options)}
+
+    low, high = summary["ci95"]
+    print(
+        f"accuracy {summary['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}, Wilson) "
+        f"= {summary['correct']}/{summary['n']} on {options.data}"
+    )
+    if "choice" in summary:
+        part = summary["choice"]
+        low, high = part["ci95_norm"]
+        print(f"multiple choice: accuracy {part['accuracy']:.4f}, length-normalised {part['accuracy_norm']:.4f} (95% CI {low:.4f}-{high:.4f})")
+    for key, value in summary.get("generation", {}).items():
+        if key.startswith("pass@") or key == "majority_vote_accuracy":
+            print(f"{key} {value:.4f}")
+    if options.output_dir:
+        output = Path(options.output_dir)
+        write_json_atomic(output / "summary.json", summary)
+        write_jsonl_atomic(output / "predictions.jsonl", predictions)
+        print(f"wrote {output / 'summary.json'} and {output / 'predictions.jsonl'}", file=sys.stderr)
+    return 0

@@ -1,0 +1,34 @@
+"""``miopt train``: preference training; with no --model and no --data, the embedded default run."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "Align a causal LM on preference data (MIO by default); no arguments: the embedded default demo."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from miopt.config import add_options
+    from miopt.train import TrainOptions
+
+    add_options(parser, TrainOptions)
+
+
+def run(args: argparse.Namespace) -> int:
+    from miopt.config import resolve
+    from miopt.train import TrainOptions, train
+
+    options = resolve(TrainOptions, args)
+    if options.model is None and options.data is None:
+        from miopt.default_run import run_default
+
+        run_default(options, explicit=set(vars(args)) - {"command", "_run", "config"})
+        return 0
+    summary = train(options)
+    final = summary.get("final", {})
+    print(
+        f"done: {summary.get('steps')} steps; loss {final.get('loss', float('nan')):.4f}, "
+        f"pair accuracy {final.get('rewards/accuracies', float('nan')):.3f}; model, metrics.jsonl, summary.json "
+        f"and curves.png in {options.output_dir}"
+    )
+    return 0

@@ -1,0 +1,198 @@
+"""The embedded default: ``miopt train`` with no arguments, offline, in a few minutes on 2 CPU cores.
+
+1. Build the tiny char-level Llama model and tokenizer locally (:mod:`miopt.builtin`) and the
+   arithmetic task (:mod:`miopt.tasks.arithmetic`): train problems and 1,000 held-out problems.
+2. Warm-start with a short SFT on worked solutions; the SFT model is cached for the next run.
+3. Preference pairs: a correct worked solution vs. the SFT model's own wrong greedy answer to the
+   same prompt (on-policy negatives: what made MIO beat its SFT start, docs/calibration.md).
+4. Train with MIO (beta 0.5) and report held-out greedy accuracy of the SFT start and the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from miopt.checkpoint import atomic_directory, atomic_write_json, commit_directory
+from miopt.reference import default_cache_dir
+from miopt.tasks import arithmetic
+from miopt.train import TrainOptions, train_on_examples
+
+
+@dataclass(frozen=True)
+class DefaultTask:
+    """Sizes of the built-in run (docs/calibration.md: SFT ~0.2 s/step, preference ~0.3 s/step)."""
+
+    seed: int = 0
+    sft_problems: int = 20000
+    preference_prompts: int = 4800
+    heldout_problems: int = 1000
+    sft_steps: int = 600
+    sft_batch_size: int = 64
+    sft_learning_rate: float = 2e-3
+    max_length: int = 128
+    max_new_tokens: int = 64
+
+
+# Preference-stage settings of the default run; any flag given on the command line wins.
+DEFAULT_PREFERENCE_OPTIONS = {
+    "objective": "mio",
+    "beta": 0.5,
+    "learning_rate": 5e-5,
+    "batch_size": 32,
+    "max_steps": 100,
+    "warmup_ratio": 0.1,
+    "lr_scheduler": "constant",
+    "logging_steps": 10,
+    "output_dir": "runs/default",
+    "max_length": 128,
+}
+
+
+def sft_cache_path(task: DefaultTask) -> Path:
+    settings = json.dumps(dataclasses.asdict(task), sort_keys=True) + "|sft-v1"
+    return default_cache_dir() / "default-sft" / hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
+def warm_start(task: DefaultTask, tokenizer, problems: list[arithmetic.Problem], progress: bool) -> Path:
+    """The SFT start, trained once and cached (a Hugging Face folder)."""
+    from miopt.builtin import build_model
+    from miopt.data.tokenize import tokenize_examples
+    from miopt.sft import SFTOptions, sft_on_examples
+
+    final = sft_cache_path(task)
+    if (final / "config.json").is_file():
+        print(f"[1/4] SFT start: cached at {final}", file=sys.stderr)
+        return final
+    print(
+        f"[1/4] SFT start: {task.sft_steps} steps on {len(problems)} worked solutions "
+        "(about 2 minutes; cached for the next run)",
+        file=sys.stderr,
+    )
+    examples, _ = tokenize_examples(
+        [p.prompt for p in problems],
+        [(p.solution,) for p in problems],
+        [f"arithmetic:{i}" for i in range(len(problems))],
+        tokenizer,
+        max_length=task.max_length,
+    )
+    temporary = atomic_directory(final)
+    options = SFTOptions(
+        output_dir=str(temporary),
+        max_steps=task.sft_steps,
+        batch_size=task.sft_batch_size,
+        learning_rate=task.sft_learning_rate,
+        lr_scheduler="cosine",
+        warmup_ratio=0.05,
+        logging_steps=50,
+        seed=task.seed,
+        progress=progress,
+        max_length=task.max_length,
+    )
+    sft_on_examples(options, build_model(tokenizer, seed=task.seed), tokenizer, examples)
+    commit_directory(temporary, final)
+    return final
+
+
+def own_wrong_answers(model, tokenizer, problems, task: DefaultTask) -> tuple[list, list[str]]:
+    """The problems the model gets wrong under greedy decoding, with its wrong solutions."""
+    from miopt.evaluation.generation import generate
+
+    outputs = generate(
+        model, tokenizer, [p.prompt for p in problems], max_new_tokens=task.max_new_tokens, batch_size=256
+    )
+    wrong = [
+        (p, o[0].strip()) for p, o in zip(problems, outputs) if not arithmetic.is_correct(o[0], p.answer)
+    ]
+    wrong = [(p, text) for p, text in wrong if text and text != p.solution]
+    return [p for p, _ in wrong], [text for _, text in wrong]
+
+
+def run_default(
+    options: TrainOptions, explicit: set[str] | None = None, task: DefaultTask | None = None
+) -> dict:
+    """The whole default pipeline; flags in ``explicit`` keep the user's value over the defaults above."""
+    from miopt.builtin import build_tokenizer
+    from miopt.data.tokenize import tokenize_examples
+    from miopt.evaluation import evaluate_arithmetic
+    from miopt.models import load_model
+
+    task = task or DefaultTask()
+    explicit = explicit or set()
+    options = dataclasses.replace(
+        options, **{key: value for key, value in DEFAULT_PREFERENCE_OPTIONS.items() if key not in explicit}
+    )
+    started = time.perf_counter()
+    tokenizer = build_tokenizer()
+    train_problems, heldout = arithmetic.generate_splits(
+        task.sft_problems + task.preference_prompts, task.heldout_problems, seed=task.seed
+    )
+    sft_problems, preference_problems = (
+        train_problems[: task.sft_problems],
+        train_problems[task.sft_problems :],
+    )
+    sft_dir = warm_start(task, tokenizer, sft_problems, options.progress)
+    model = load_model(str(sft_dir))
+    tokenizer = build_tokenizer()
+
+    print(
+        f"[2/4] held-out accuracy of the SFT start ({len(heldout)} problems) and on-policy negatives",
+        file=sys.stderr,
+    )
+    sft_accuracy = evaluate_arithmetic(model, tokenizer, heldout)
+    prompts, wrong = own_wrong_answers(model, tokenizer, preference_problems, task)
+    examples, _ = tokenize_examples(
+        [p.prompt for p in prompts],
+        [(p.solution, text) for p, text in zip(prompts, wrong)],
+        [f"arithmetic-pairs:{i}" for i in range(len(prompts))],
+        tokenizer,
+        max_length=options.max_length,
+    )
+    print(f"      {len(examples)} pairs (correct solution vs. the model's own wrong answer)", file=sys.stderr)
+
+    print(
+        f"[3/4] preference training: {options.objective}, beta {options.beta}, lr {options.learning_rate}, "
+        f"{options.max_steps} steps",
+        file=sys.stderr,
+    )
+    options = dataclasses.replace(options, model=str(sft_dir))
+    summary = train_on_examples(
+        options,
+        model,
+        tokenizer,
+        examples,
+        extra_summary={"data": "builtin arithmetic (on-policy negatives)"},
+    )
+
+    print("[4/4] held-out accuracy of the result", file=sys.stderr)
+    final_accuracy = evaluate_arithmetic(model, tokenizer, heldout)
+    summary.update(
+        {
+            "heldout_problems": len(heldout),
+            "sft_start_accuracy": sft_accuracy,
+            "final_accuracy": final_accuracy,
+            "sft_model": str(sft_dir),
+            "pairs": len(examples),
+            "total_seconds": round(time.perf_counter() - started, 1),
+        }
+    )
+    output_dir = Path(options.output_dir)
+    atomic_write_json(output_dir / "summary.json", summary)
+    print(
+        f"\nheld-out accuracy ({len(heldout)} problems, greedy): SFT start {sft_accuracy:.1%} -> "
+        f"{options.objective} {final_accuracy:.1%}"
+    )
+    print(
+        f"chosen log-prob change {summary['final'].get('logps/chosen_change', float('nan')):+.2f} nats, "
+        f"rejected {summary['final'].get('logps/rejected_change', float('nan')):+.2f} nats"
+    )
+    print(
+        f"outputs: {output_dir}/ (model, metrics.jsonl, curves.png, summary.json); "
+        f"total {summary['total_seconds']:.0f} s"
+    )
+    return summary

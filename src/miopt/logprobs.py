@@ -1,0 +1,141 @@
+"""Response log-probabilities from one forward pass over a concatenated batch.
+
+``log pi(y|x) = sum_t log softmax(W h_{t-1})[y_t]`` over response tokens (theory.md section 1).
+The full-vocabulary float32 log-softmax is never materialised for the whole batch: only the
+hidden states of response positions are projected, a chunk of rows at a time, and each chunk
+is recomputed in the backward pass (activation checkpointing) instead of keeping its logits.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from miopt.data.tokenize import SequenceBatch
+
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+@dataclass
+class SequenceLogps:
+    """``summed`` ``[N]`` and ``token_counts`` ``[N]`` per row; ``per_token`` ``[N, L]`` with the
+    log-prob of token ``t`` at column ``t`` (zero outside the response)."""
+
+    summed: Tensor
+    token_counts: Tensor
+    per_token: Tensor
+
+
+def _token_logps(hidden: Tensor, targets: Tensor, head: torch.nn.Module) -> Tensor:
+    logits = head(hidden).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def unwrap(model):
+    """The model inside distributed wrappers (DDP's ``.module``)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _uses_plain_head(model) -> bool:
+    """Whether logits are exactly ``lm_head(last hidden state)`` and the forward takes ``logits_to_keep``
+    (no soft-capping or logit scaling)."""
+    inner = unwrap(model)
+    config = getattr(inner, "config", None)
+    forward = getattr(getattr(inner, "get_base_model", lambda: inner)(), "forward", None)
+    try:
+        takes_keep = forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        takes_keep = False
+    return (
+        takes_keep
+        and inner.get_output_embeddings() is not None
+        and not getattr(config, "final_logit_softcapping", None)
+        and getattr(config, "logit_scale", 1.0) in (None, 1.0)
+    )
+
+
+def response_hidden_states(model, batch: SequenceBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """Hidden states that predict response tokens ``[M, H]``, the targets ``[M]``, and ``(row, col)``.
+
+    The forward goes through ``model`` itself (so distributed wrappers and autocast apply) with
+    ``logits_to_keep=1``: the head runs on one position only, and the final (normed) hidden
+    state comes back in ``hidden_states[-1]``.
+    """
+    outputs = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    hidden = outputs.hidden_states[-1]
+    positions = batch.response_mask[:, 1:].nonzero()  # predicting token col+1 from hidden at col
+    rows, cols = positions[:, 0], positions[:, 1]
+    return hidden[rows, cols], batch.input_ids[rows, cols + 1], positions
+
+
+def sequence_logps(model, batch: SequenceBatch, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> SequenceLogps:
+    """Summed and per-token response log-probs of every row of ``batch``.
+
+    ``chunk_tokens <= 0`` takes the plain path: the model's own full logits and log-softmax
+    (for models whose head is not a plain projection; also the reference the tests compare to).
+    """
+    num_rows, length = batch.input_ids.shape
+    if chunk_tokens <= 0 or not _uses_plain_head(model):
+        return full_sequence_logps(model, batch)
+    hidden, targets, positions = response_hidden_states(model, batch)
+    head = unwrap(model).get_output_embeddings()
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        stop = start + chunk_tokens
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            pieces.append(
+                checkpoint(_token_logps, hidden[start:stop], targets[start:stop], head, use_reentrant=False)
+            )
+        else:
+            pieces.append(_token_logps(hidden[start:stop], targets[start:stop], head))
+    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    return _assemble(token_logps, positions, num_rows, length)
+
+
+def full_sequence_logps(model, batch: SequenceBatch) -> SequenceLogps:
+    """The naive path: full logits, full float32 log-softmax, then gather."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token_logps_all = logps.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    positions = batch.response_mask[:, 1:].nonzero()
+    token_logps = token_logps_all[positions[:, 0], positions[:, 1]]
+    return _assemble(token_logps, positions, *batch.input_ids.shape)
+
+
+def _assemble(token_logps: Tensor, positions: Tensor, num_rows: int, length: int) -> SequenceLogps:
+    rows, cols = positions[:, 0], positions[:, 1] + 1
+    summed = token_logps.new_zeros(num_rows).index_add(0, rows, token_logps)
+    counts = torch.bincount(rows, minlength=num_rows)
+    per_token = token_logps.new_zeros(num_rows, length).index_put((rows, cols), token_logps)
+    return SequenceLogps(summed=summed, token_counts=counts, per_token=per_token)
+
+
+@dataclass
+class PairLogps:
+    """Log-probs arranged per prompt: chosen ``[B]``, rejected ``[B, K]`` with ``rejected_mask``."""
+
+    chosen: Tensor
+    rejected: Tensor
+    rejected_mask: Tensor
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+
+
+def pair_logps(model, batch: SequenceBatch, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PairLogps:
+    """One forward pass over chosen and rejected rows, split back into ``[B]`` and ``[B, K]``."""
+    result = sequence_logps(model, batch, chunk_tokens=chunk_tokens)
+    chosen, rejected = batch.split_rows(result.summed)
+    chosen_lengths, rejected_lengths = batch.split_rows(result.token_counts)
+    return PairLogps(chosen, rejected, batch.rejected_mask, chosen_lengths, rejected_lengths)

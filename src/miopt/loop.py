@@ -1,0 +1,323 @@
+"""The training loop shared by ``miopt train`` and ``miopt sft``, on Accelerate.
+
+The loop knows nothing of objectives: it asks a step function for a loss and a dict of
+scalar metrics on a list of example indices, and owns everything around it: data order,
+gradient accumulation, clipping, AdamW with warmup and a linear or cosine schedule, mixed
+precision, logging to ``metrics.jsonl``, atomic checkpoints and exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from miopt.checkpoint import (
+    STATE_FILE,
+    atomic_directory,
+    atomic_write_json,
+    atomic_write_text,
+    checkpoint_dir,
+    commit_directory,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_state,
+)
+from miopt.config import option
+from miopt.errors import OptionError
+
+# (model, example indices of this process's micro-batch) -> (loss, {metric name: scalar tensor})
+StepFunction = Callable[[Any, Sequence[int]], tuple[Tensor, dict[str, Tensor]]]
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class LoopOptions:
+    """Options of the optimisation loop (shared by ``train`` and ``sft``)."""
+
+    output_dir: str = option(
+        "runs/miopt", "Folder for metrics.jsonl, checkpoints, the final model and summary."
+    )
+    max_steps: int = option(-1, "Optimizer steps to run; -1 derives them from --epochs.")
+    epochs: float = option(1.0, "Passes over the data (used when --max-steps is -1).")
+    batch_size: int = option(8, "Prompts per device per micro-step.")
+    gradient_accumulation_steps: int = option(1, "Micro-steps accumulated per optimizer step.")
+    learning_rate: float = option(1e-6, "Peak AdamW learning rate.")
+    lr_scheduler: str = option("linear", "Decay after warmup.", choices=["linear", "cosine", "constant"])
+    warmup_ratio: float = option(0.1, "Fraction of the steps spent in linear warmup.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    max_grad_norm: float = option(1.0, "Gradient clipping by global norm (0 disables).")
+    seed: int = option(42, "Seed of data order, initialisation and sampling.")
+    bf16: bool = option(
+        False, "bf16 mixed precision (autocast); fast on GPUs and on CPUs with AMX/AVX512-BF16."
+    )
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    logging_steps: int = option(10, "Append a line to metrics.jsonl every N optimizer steps.")
+    save_steps: int = option(0, "Write a checkpoint every N optimizer steps (0: none but the final model).")
+    save_total_limit: int = option(2, "Checkpoints kept (oldest removed first).")
+    resume: str | None = option(
+        None,
+        "Resume from a checkpoint folder, or 'latest' (the newest in --output-dir); bare --resume = latest.",
+        nargs="?",
+        const="latest",
+    )
+    report_to: str = option(
+        "none", "Also log to TensorBoard (needs the tensorboard package).", choices=["none", "tensorboard"]
+    )
+    progress: bool = option(True, "Show a progress bar with ETA.")
+
+
+@dataclass
+class LoopResult:
+    history: list[dict[str, float]]
+    steps: int
+    seconds: float
+    resumed_from: int
+
+
+def check_loop_options(options: LoopOptions) -> None:
+    """Fail fast on values no run can use (before anything is loaded or written)."""
+    if options.batch_size < 1 or options.gradient_accumulation_steps < 1:
+        raise OptionError("--batch-size and --gradient-accumulation-steps must be >= 1")
+    if options.max_steps == 0 or (options.max_steps < 0 and options.epochs <= 0):
+        raise OptionError("nothing to train: set --max-steps > 0 or --epochs > 0")
+    if options.learning_rate <= 0:
+        raise OptionError(f"--learning-rate must be positive, got {options.learning_rate}")
+    if not 0 <= options.warmup_ratio < 1:
+        raise OptionError(f"--warmup-ratio must be in [0, 1), got {options.warmup_ratio}")
+    if options.logging_steps < 1:
+        raise OptionError("--logging-steps must be >= 1")
+
+
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_examples, generator=generator).tolist()
+
+
+class DataOrder:
+    """Deterministic micro-batches: a seeded permutation per epoch, cut into global batches;
+    each process takes its share. Micro-batch ``i`` is the same on every run, so a resumed run
+    continues at exactly the data it would have seen."""
+
+    def __init__(self, num_examples: int, global_batch: int, seed: int, rank: int, world: int) -> None:
+        self.num_examples, self.global_batch, self.seed = num_examples, global_batch, seed
+        self.rank, self.world = rank, world
+        self.per_epoch = max(1, num_examples // global_batch) if num_examples >= global_batch else 1
+
+    def micro_batch(self, index: int) -> list[int]:
+        epoch, position = divmod(index, self.per_epoch)
+        order = _epoch_order(self.num_examples, self.seed, epoch)
+        global_indices = order[position * self.global_batch : (position + 1) * self.global_batch]
+        return global_indices[self.rank :: self.world]
+
+    def iterate(self, start: int) -> Iterator[list[int]]:
+        index = start
+        while True:
+            yield self.micro_batch(index)
+            index += 1
+
+
+def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = {key for row in rows for key in row}
+    return {
+        key: sum(row[key] for row in rows if key in row) / sum(key in row for row in rows) for key in keys
+    }
+
+
+def _metrics_path(output_dir: Path) -> Path:
+    return output_dir / METRICS_FILE
+
+
+def _truncate_metrics(output_dir: Path, step: int) -> list[dict[str, float]]:
+    """Keep the metrics lines of steps <= ``step`` (those a resumed run would not write again)."""
+    path = _metrics_path(output_dir)
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if row.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    return rows
+
+
+def run_loop(
+    options: LoopOptions,
+    *,
+    model,
+    num_examples: int,
+    step_fn: StepFunction,
+    stateful: dict[str, Any] | None = None,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+    accelerator=None,
+) -> LoopResult:
+    """Optimise ``model`` with ``step_fn`` over ``num_examples`` examples; returns the logged history.
+
+    ``stateful`` objects (``state_dict``/``load_state_dict``) are saved in checkpoints and restored
+    on resume, next to the model, optimizer, scheduler and RNG states.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    output_dir = Path(options.output_dir)
+    accelerator = accelerator or Accelerator(mixed_precision="bf16" if options.bf16 else "no")
+    set_seed(options.seed)
+    world = accelerator.num_processes
+    global_batch = options.batch_size * world
+    order = DataOrder(num_examples, global_batch, options.seed, accelerator.process_index, world)
+    accumulation = options.gradient_accumulation_steps
+    if options.max_steps > 0:
+        total_steps = options.max_steps
+    else:
+        total_steps = max(1, math.ceil(options.epochs * order.per_epoch / accumulation))
+
+    if options.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=options.learning_rate,
+        betas=(options.adam_beta1, options.adam_beta2),
+        weight_decay=options.weight_decay,
+    )
+    scheduler = get_scheduler(
+        options.lr_scheduler,
+        optimizer,
+        num_warmup_steps=int(options.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler is stepped once per optimizer step by us (Accelerate's wrapper would step it
+    # once per process), and saved with the checkpoint.
+    accelerator.register_for_checkpointing(scheduler)
+    for state in (stateful or {}).values():
+        accelerator.register_for_checkpointing(state)
+
+    start_step = 0
+    history: list[dict[str, float]] = []
+    if options.resume:
+        source = latest_checkpoint(output_dir) if options.resume == "latest" else Path(options.resume)
+        if source is None:
+            raise OptionError(f"--resume: no checkpoint in {output_dir}")
+        if not (source / STATE_FILE).is_file():
+            raise OptionError(f"--resume: {source} is not a complete checkpoint")
+        accelerator.load_state(str(source))
+        start_step = int(read_state(source)["step"])
+        if accelerator.is_main_process:
+            history = _truncate_metrics(output_dir, start_step)
+    elif accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _metrics_path(output_dir).unlink(missing_ok=True)
+
+    writer = None
+    if options.report_to == "tensorboard" and accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    batches = order.iterate(start_step * accumulation)
+    progress = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc="train",
+        disable=not (options.progress and accelerator.is_main_process),
+        dynamic_ncols=True,
+    )
+    window: list[dict[str, Tensor]] = []
+    window_examples = 0
+    window_start = time.perf_counter()
+    started = time.perf_counter()
+    for step in range(start_step + 1, total_steps + 1):
+        step_metrics: list[dict[str, Tensor]] = []
+        for micro in range(accumulation):
+            indices = next(batches)
+            sync = micro == accumulation - 1
+            with nullcontext() if sync else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    loss, metrics = step_fn(model, indices)
+                accelerator.backward(loss / accumulation)
+            step_metrics.append({"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}})
+            window_examples += len(indices) * world
+        grad_norm = None
+        if options.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        for row in step_metrics:
+            if grad_norm is not None:
+                row["grad_norm"] = (
+                    grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
+                )
+            window.append(row)
+        progress.update(1)
+
+        if step % options.logging_steps == 0 or step == total_steps:
+            # The only host synchronisation of the loop: metrics reduced across processes and read.
+            stacked = {key: torch.stack([row[key].float() for row in window]).mean() for key in window[0]}
+            reduced = {
+                key: accelerator.reduce(value.to(accelerator.device), "mean")
+                for key, value in stacked.items()
+            }
+            elapsed = time.perf_counter() - window_start
+            record = {"step": step, **{key: float(value) for key, value in sorted(reduced.items())}}
+            record["lr"] = scheduler.get_last_lr()[0]
+            record["pairs_per_second"] = window_examples / max(elapsed, 1e-9)
+            record["epoch"] = step * accumulation / order.per_epoch
+            window, window_examples, window_start = [], 0, time.perf_counter()
+            history.append(record)
+            progress.set_postfix(loss=f"{record['loss']:.4f}")
+            if accelerator.is_main_process:
+                with _metrics_path(output_dir).open("a") as file:
+                    file.write(json.dumps(record) + "\n")
+                if writer is not None:
+                    for key, value in record.items():
+                        if key != "step":
+                            writer.add_scalar(key, value, step)
+            if on_log is not None:
+                on_log(record)
+
+        if options.save_steps and step % options.save_steps == 0 and step < total_steps:
+            save_checkpoint(accelerator, output_dir, step, options.save_total_limit)
+    progress.close()
+    if writer is not None:
+        writer.close()
+    return LoopResult(history, total_steps, time.perf_counter() - started, start_step)
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path:
+    """Model, optimizer, scheduler, RNG and registered states, under a temporary name renamed when whole."""
+    final = checkpoint_dir(output_dir, step)
+    temporary = atomic_directory(final) if accelerator.is_main_process else None
+    temporary = _broadcast_path(accelerator, temporary)
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(temporary / STATE_FILE, {"step": step})
+        commit_directory(temporary, final)
+        prune_checkpoints(output_dir, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _broadcast_path(accelerator, path: Path | None) -> Path:
+    if accelerator.num_processes == 1:
+        return path
+    from accelerate.utils import broadcast_object_list
+
+    holder = [str(path) if path is not None else None]
+    broadcast_object_list(holder)
+    return Path(holder[0])

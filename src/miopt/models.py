@@ -1,0 +1,82 @@
+"""Loading models and tokenizers: any Hugging Face causal LM by path or id, or the built-in one.
+
+Every model goes through ``AutoModelForCausalLM.from_pretrained(path_or_id)``; the name
+``builtin`` means the embedded tiny model of :mod:`miopt.builtin` (freshly initialised).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from miopt.errors import OptionError
+
+BUILTIN = "builtin"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _check_exists(path_or_id: str) -> None:
+    """Fail fast on a local-looking path that does not exist (before anything is written)."""
+    if path_or_id == BUILTIN or Path(path_or_id).exists():
+        return
+    if not _HUB_ID.match(path_or_id) or path_or_id.startswith((".", "/", "~")):
+        raise OptionError(f"model path {path_or_id!r} does not exist")
+
+
+def load_tokenizer(path_or_id: str):
+    """The tokenizer of ``path_or_id``, with a pad token (the EOS token when it has none)."""
+    _check_exists(path_or_id)
+    if path_or_id == BUILTIN:
+        from miopt.builtin import build_tokenizer
+
+        return build_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+    except OSError as error:
+        raise OptionError(f"cannot load a tokenizer from {path_or_id!r}: {error}") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path_or_id: str, tokenizer=None, *, dtype: str | None = None, seed: int = 0):
+    """``AutoModelForCausalLM.from_pretrained(path_or_id)``, or the built-in model for ``builtin``."""
+    _check_exists(path_or_id)
+    if path_or_id == BUILTIN:
+        from miopt.builtin import build_model, build_tokenizer
+
+        return build_model(tokenizer or build_tokenizer(), seed=seed)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+    try:
+        return AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
+    except OSError as error:
+        raise OptionError(
+            f"cannot load model {path_or_id!r}: not a local folder and the hub could not be reached ({error})"
+        ) from error
+
+
+def model_fingerprint(path_or_id: str, seed: int = 0) -> str:
+    """Identifies a model's weights for caches: the built-in seed, or the local folder's config and
+    weight files (name, size, modification time), or the hub id."""
+    digest = hashlib.sha256()
+    path = Path(path_or_id)
+    if path_or_id == BUILTIN:
+        digest.update(f"builtin-seed{seed}".encode())
+    elif path.is_dir():
+        for file in sorted(path.iterdir()):
+            if file.suffix in (".json", ".safetensors", ".bin") or file.name.endswith(".index.json"):
+                stat = file.stat()
+                digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        config = path / "config.json"
+        if config.is_file():
+            digest.update(json.dumps(json.loads(config.read_text()), sort_keys=True).encode())
+    else:
+        digest.update(path_or_id.encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,50 @@
+"""PNG plots of training curves (matplotlib, Agg backend; written atomically)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+from miopt.checkpoint import atomic_write_bytes
+
+CURVE_PANELS = (
+    ("log-probabilities (summed)", ("logps/chosen", "logps/rejected")),
+    ("rewards (critic T)", ("rewards/chosen", "rewards/rejected", "rewards/margins")),
+    ("pair accuracy", ("rewards/accuracies",)),
+    ("loss and MI bound", ("loss", "mi_bound")),
+)
+
+
+def save_figure(figure, path: str | Path) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_training_curves(history: Sequence[dict[str, float]], path: str | Path, title: str = "") -> bool:
+    """One panel per group of metrics against ``step``; returns False when there is nothing to plot."""
+    rows = [row for row in history if "step" in row]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(name, [k for k in keys if k in rows[0]]) for name, keys in CURVE_PANELS]
+    panels = [(name, keys) for name, keys in panels if keys]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    steps = [row["step"] for row in rows]
+    for axis, (name, keys) in zip(axes[0], panels):
+        for key in keys:
+            axis.plot(steps, [row.get(key, float("nan")) for row in rows], label=key)
+        axis.set_title(name)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    save_figure(figure, path)
+    plt.close(figure)
+    return True

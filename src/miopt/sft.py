@@ -1,0 +1,102 @@
+"""Supervised warm-start (``miopt sft``): maximise the log-likelihood of completions given prompts.
+
+``loss = -sum_t log pi(y_t | x, y_<t) / (number of completion tokens in the batch)``; prompt
+tokens are masked out. This is how a reference model for preference training is made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from miopt.checkpoint import atomic_write_json
+from miopt.config import option
+from miopt.data.tokenize import TokenizedExample, collate, tokenize_sft
+from miopt.errors import OptionError
+from miopt.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps, unwrap
+from miopt.loop import LoopOptions, check_loop_options, run_loop
+from miopt.plots import plot_training_curves
+from miopt.train import ModelOptions, apply_lora, save_model
+
+
+@dataclass
+class SFTOptions(ModelOptions, LoopOptions):
+    """Options of ``miopt sft``."""
+
+    data: str | None = option(
+        None,
+        "Prompt/completion data (TRL prompt-completion or messages, or GSM8K "
+        "question/answer): JSONL/JSON/Parquet/CSV, save_to_disk folder, or hub id.",
+    )
+    learning_rate: float = option(2e-5, "Peak AdamW learning rate.")
+    logprob_chunk: int = option(
+        DEFAULT_CHUNK_TOKENS, "Completion tokens per log-softmax chunk; 0 = full logits."
+    )
+
+
+def make_sft_step(examples: Sequence[TokenizedExample], *, pad_token_id: int, chunk_tokens: int):
+    def step(model, indices: Sequence[int]):
+        device = next(unwrap(model).parameters()).device
+        batch = collate([examples[i] for i in indices], pad_token_id).to(device)
+        result = sequence_logps(model, batch, chunk_tokens=chunk_tokens)
+        tokens = result.token_counts.sum().clamp(min=1)
+        loss = -result.summed.sum() / tokens
+        return loss, {"logps/completion": result.summed.detach().mean(), "tokens": tokens.detach().float()}
+
+    return step
+
+
+def sft_on_examples(
+    options: SFTOptions, model, tokenizer, examples: list[TokenizedExample], *, save: bool = True
+) -> dict[str, Any]:
+    """Fine-tune ``model`` on tokenised prompt/completion examples; saves into ``output_dir``."""
+    check_loop_options(options)
+    if options.lora_r:
+        model = apply_lora(model, options)
+    started = time.perf_counter()
+    step = make_sft_step(examples, pad_token_id=tokenizer.pad_token_id, chunk_tokens=options.logprob_chunk)
+    result = run_loop(options, model=model, num_examples=len(examples), step_fn=step)
+    output_dir = Path(options.output_dir)
+    summary = {
+        "steps": result.steps,
+        "examples": len(examples),
+        "seconds": round(time.perf_counter() - started, 2),
+        "final": result.history[-1] if result.history else {},
+        "options": dataclasses.asdict(options),
+    }
+    if save:
+        save_model(model, tokenizer, output_dir, merge_lora=options.merge_lora)
+        plot_training_curves(result.history, output_dir / "curves.png", title="SFT")
+        atomic_write_json(output_dir / "summary.json", summary)
+    return summary
+
+
+def sft(options: SFTOptions) -> dict[str, Any]:
+    """``miopt sft`` on files: validate all records first, then train and save."""
+    from miopt.data import load_sft_records
+    from miopt.models import load_model, load_tokenizer
+
+    check_loop_options(options)
+    if not options.model or not options.data:
+        raise OptionError("miopt sft needs --model (folder, hub id or 'builtin') and --data")
+    tokenizer = load_tokenizer(options.model)
+    records, report = load_sft_records(options.data, tokenizer, skip_invalid=options.skip_invalid)
+    examples, token_report = tokenize_sft(
+        records,
+        tokenizer,
+        max_length=options.max_length,
+        max_prompt_length=options.max_prompt_length,
+        skip_invalid=options.skip_invalid,
+    )
+    if not examples:
+        raise OptionError(f"{options.data}: no usable records left")
+    print(
+        f"data: {report.kept} records ({report.skipped} skipped); {token_report.describe()}", file=sys.stderr
+    )
+    model = load_model(options.model, tokenizer, dtype=options.dtype, seed=options.seed)
+    return sft_on_examples(options, model, tokenizer, examples)

@@ -1,0 +1,403 @@
+"""Preference training: data and model in, an aligned Hugging Face checkpoint and its curves out.
+
+``train(options)`` loads and validates everything first (so bad input fails before anything is
+written), computes or reads the cached reference log-probs, then hands a step function to the
+shared loop (:mod:`miopt.loop`). The step function is the only place where log-probs meet an
+objective; the maths lives in :mod:`miopt.objectives` and :mod:`miopt.logprobs`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from miopt import objectives
+from miopt.checkpoint import atomic_directory, atomic_write_json, move_files_into
+from miopt.config import option
+from miopt.data.tokenize import TokenizedExample, collate, fingerprint, tokenize_preferences
+from miopt.errors import OptionError
+from miopt.logprobs import DEFAULT_CHUNK_TOKENS, pair_logps, unwrap
+from miopt.loop import LoopOptions, check_loop_options, run_loop
+from miopt.plots import plot_training_curves
+from miopt.reference import (
+    ReferenceLogps,
+    cache_key,
+    compute_reference_logps,
+    default_cache_dir,
+    load_or_compute,
+)
+
+
+@dataclass
+class ModelOptions:
+    """Which model, and how to adapt it."""
+
+    model: str | None = option(
+        None,
+        "Policy: any Hugging Face causal-LM folder or hub id; 'builtin' = the tiny "
+        "embedded model. With neither --model nor --data, the embedded default run.",
+    )
+    dtype: str | None = option(
+        None, "Load weights in this dtype (float32, bfloat16, float16); default: as saved."
+    )
+    max_length: int = option(1024, "Max tokens of prompt + response; longer responses are cut at the end.")
+    max_prompt_length: int | None = option(None, "Prompts longer than this keep their last tokens.")
+    skip_invalid: bool = option(False, "Skip bad records (and say how many) instead of stopping.")
+    lora_r: int = option(0, "LoRA rank (peft); 0 trains all weights. Hu et al. 2021, arXiv 2106.09685.")
+    lora_alpha: float = option(16.0, "LoRA scaling alpha.")
+    lora_dropout: float = option(0.0, "LoRA dropout.")
+    lora_target_modules: list[str] | None = option(
+        None, "Module names to adapt (default: peft's for the model)."
+    )
+    merge_lora: bool = option(False, "Save the LoRA-merged full model instead of the adapter.")
+
+
+@dataclass
+class TrainOptions(ModelOptions, LoopOptions):
+    """Options of ``miopt train``."""
+
+    data: str | None = option(
+        None, "Preference data: JSONL/JSON/Parquet/CSV file, save_to_disk folder, or hub id."
+    )
+    objective: str = option("mio", "Objective from the registry (miopt.objectives.available()).")
+    beta: float = option(
+        0.1, "Critic scale: T = beta * (log pi - log pi_ref) (DPO's beta, Rafailov et al. 2023)."
+    )
+    negatives: str | None = option(
+        None,
+        "Negative distribution of dv/js/nwj: 'marginal' (chosen and rejected, the "
+        "paper's) or 'rejected' (rejected only). Default: the objective's.",
+    )
+    label_smoothing: float | None = option(None, "Label-noise rate of 'robust' (Chowdhury et al. 2024).")
+    simpo_gamma: float | None = option(None, "Target margin gamma of 'simpo' (Meng et al. 2024).")
+    sft_weight: float = option(0.0, "Add weight x chosen NLL per token to the loss (RPO, Pang et al. 2024).")
+    ref_model: str | None = option(
+        None, "Reference model; default: the starting policy (or, with LoRA, the base)."
+    )
+    reference: str = option(
+        "precompute",
+        "'precompute': reference log-probs once, cached on disk; 'on-the-fly': a "
+        "reference forward each step.",
+        choices=["precompute", "on-the-fly"],
+    )
+    cache_dir: str | None = option(
+        None, "Cache of reference log-probs (default $MIOPT_CACHE or ~/.cache/miopt)."
+    )
+    logprob_chunk: int = option(
+        DEFAULT_CHUNK_TOKENS, "Response tokens per log-softmax chunk; 0 = full logits."
+    )
+    chosen_decline_warning: float = option(
+        5.0, "Warn when the mean chosen log-prob falls this many nats below the reference (0 disables)."
+    )
+
+
+# Objective options a flag can set: flag field -> the objective's keyword.
+OBJECTIVE_FLAGS = {"negatives": "negatives", "label_smoothing": "label_smoothing", "simpo_gamma": "gamma"}
+
+
+def objective_options(options: TrainOptions) -> dict[str, Any]:
+    """Objective keywords set by flags; a flag the objective does not take is an error."""
+    accepted = objectives.option_names(options.objective)
+    chosen = {}
+    for flag, keyword in OBJECTIVE_FLAGS.items():
+        value = getattr(options, flag)
+        if value is None:
+            continue
+        if keyword not in accepted:
+            raise OptionError(f"--{flag.replace('_', '-')} does not apply to objective {options.objective!r}")
+        chosen[keyword] = value
+    return chosen
+
+
+def check_train_options(options: TrainOptions) -> None:
+    check_loop_options(options)
+    if options.objective not in objectives.available():
+        raise OptionError(
+            f"unknown objective {options.objective!r}; valid objectives: {', '.join(objectives.available())}"
+        )
+    objective_options(options)
+    if options.beta <= 0:
+        raise OptionError(f"--beta must be positive, got {options.beta}")
+    if options.max_length < 2:
+        raise OptionError("--max-length must be >= 2")
+    if options.merge_lora and not options.lora_r:
+        raise OptionError("--merge-lora needs --lora-r > 0")
+
+
+class ChosenDeclineMonitor:
+    """Warns once when the chosen log-prob has fallen ``margin`` nats below the reference:
+    the late-training decline of DPO that MIO exists to prevent (theory.md section 2)."""
+
+    def __init__(self, margin: float, stream=sys.stderr) -> None:
+        self.margin, self.stream, self.warned_at = margin, stream, None
+
+    def __call__(self, record: dict[str, float]) -> None:
+        change = record.get("logps/chosen_change")
+        if self.margin <= 0 or change is None or self.warned_at is not None:
+            return
+        if change < -self.margin:
+            self.warned_at = int(record["step"])
+            print(
+                f"\nWARNING: step {self.warned_at}: chosen log-prob is {change:.2f} nats below the reference "
+                f"(threshold {self.margin}). The preferred responses are losing likelihood; this is the decline "
+                "MIO (--objective mio) is designed to prevent. Consider mio, a smaller learning rate or --sft-weight.",
+                file=self.stream,
+                flush=True,
+            )
+
+
+@dataclass
+class PreferenceData:
+    examples: list[TokenizedExample]
+    reference: ReferenceLogps | None
+
+
+def make_step_function(
+    objective,
+    data: PreferenceData,
+    *,
+    beta: float,
+    pad_token_id: int,
+    chunk_tokens: int,
+    reference_model=None,
+    objective_kwargs: dict[str, Any] | None = None,
+):
+    """The training step: one forward over chosen and rejected rows, reference log-probs from the
+    cache (or a reference forward), the objective, and the metrics under TRL's names."""
+    objective_kwargs = objective_kwargs or {}
+    reference_free = objectives.is_reference_free(objective)
+
+    def step(model, indices: Sequence[int]):
+        examples = [data.examples[i] for i in indices]
+        device = next(unwrap(model).parameters()).device
+        batch = collate(examples, pad_token_id).to(device)
+        policy = pair_logps(model, batch, chunk_tokens=chunk_tokens)
+        ref_chosen = ref_rejected = None
+        if not reference_free:
+            if data.reference is not None:
+                ref_chosen, ref_rejected = data.reference.select(indices, batch.rejected_shape[1])
+                ref_chosen, ref_rejected = ref_chosen.to(device), ref_rejected.to(device)
+            else:
+                ref_chosen, ref_rejected = on_the_fly_reference(model, reference_model, batch, chunk_tokens)
+        output = objectives.compute(
+            objective,
+            policy.chosen,
+            policy.rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=beta,
+            rejected_mask=policy.rejected_mask,
+            chosen_lengths=policy.chosen_lengths,
+            rejected_lengths=policy.rejected_lengths,
+            **objective_kwargs,
+        )
+        metrics = output.metrics()
+        mask = policy.rejected_mask.to(policy.rejected.dtype)
+        metrics["logps/chosen"] = policy.chosen.detach().mean()
+        metrics["logps/rejected"] = ((policy.rejected.detach() * mask).sum(-1) / mask.sum(-1)).mean()
+        if ref_chosen is not None:
+            metrics["logps/chosen_change"] = (policy.chosen.detach() - ref_chosen).mean()
+            metrics["logps/rejected_change"] = (
+                ((policy.rejected.detach() - ref_rejected) * mask).sum(-1) / mask.sum(-1)
+            ).mean()
+        return output.losses.mean(), metrics
+
+    return step
+
+
+@torch.no_grad()
+def on_the_fly_reference(model, reference_model, batch, chunk_tokens: int):
+    """Reference log-probs by a forward pass: a frozen model, or the policy with LoRA adapters off."""
+    if reference_model is None:
+        with unwrap(model).disable_adapter():
+            result = pair_logps(model, batch, chunk_tokens=chunk_tokens)
+    else:
+        result = pair_logps(reference_model, batch, chunk_tokens=chunk_tokens)
+    return result.chosen.detach(), result.rejected.detach()
+
+
+def apply_lora(model, options: ModelOptions):
+    """Wrap ``model`` with LoRA adapters (peft); the frozen base serves as the reference."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=options.lora_r,
+        lora_alpha=options.lora_alpha,
+        lora_dropout=options.lora_dropout,
+        target_modules=options.lora_target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def save_model(model, tokenizer, output_dir: str | Path, *, merge_lora: bool = False) -> None:
+    """``save_pretrained`` of model and tokenizer into ``output_dir``, each file replaced atomically."""
+    model = unwrap(model)
+    if merge_lora and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    temporary = atomic_directory(Path(output_dir) / "final-model")
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    move_files_into(temporary, Path(output_dir))
+
+
+def reference_logps(
+    options: TrainOptions, policy, examples, pad_token_id: int, accelerator
+) -> tuple[ReferenceLogps, bool]:
+    """Cached reference log-probs; the reference model is loaded only on a cache miss."""
+    from miopt.models import load_model, model_fingerprint
+
+    source = options.ref_model or options.model
+    key = cache_key(
+        model_fingerprint(source, seed=options.seed), fingerprint(examples), options.dtype, options.bf16
+    )
+    path = Path(options.cache_dir or default_cache_dir()) / "reference" / f"{key}.safetensors"
+
+    def compute() -> ReferenceLogps:
+        model = load_model(options.ref_model, dtype=options.dtype) if options.ref_model else policy
+        model.to(accelerator.device)
+        return compute_reference_logps(
+            model,
+            examples,
+            pad_token_id,
+            batch_size=max(options.batch_size, 8),
+            chunk_tokens=options.logprob_chunk,
+            autocast=accelerator.autocast,
+            progress=options.progress,
+        )
+
+    return load_or_compute(path, compute)
+
+
+def train(options: TrainOptions) -> dict[str, Any]:
+    """Run ``miopt train`` on files: validate everything, then train and save. Returns the summary."""
+    from accelerate import Accelerator
+
+    from miopt.data import load_preference_records
+    from miopt.models import load_model, load_tokenizer
+
+    check_train_options(options)
+    if not options.model:
+        raise OptionError("--model is required with --data (a model folder, hub id, or 'builtin')")
+    if not options.data:
+        raise OptionError("--data is required with --model")
+    if options.resume is None and Path(options.output_dir, "summary.json").exists():
+        print(f"note: {options.output_dir} holds a finished run; its files will be replaced", file=sys.stderr)
+    tokenizer = load_tokenizer(options.model)
+    records, load_report = load_preference_records(options.data, tokenizer, skip_invalid=options.skip_invalid)
+    examples, token_report = tokenize_preferences(
+        records,
+        tokenizer,
+        max_length=options.max_length,
+        max_prompt_length=options.max_prompt_length,
+        skip_invalid=options.skip_invalid,
+    )
+    if not examples:
+        raise OptionError(f"{options.data}: no usable records left")
+    print(
+        f"data: {load_report.kept} records from {options.data} ({load_report.skipped} skipped); "
+        f"{token_report.describe()}",
+        file=sys.stderr,
+    )
+    model = load_model(options.model, tokenizer, dtype=options.dtype, seed=options.seed)
+    accelerator = Accelerator(mixed_precision="bf16" if options.bf16 else "no")
+    return train_on_examples(
+        options,
+        model,
+        tokenizer,
+        examples,
+        accelerator=accelerator,
+        extra_summary={
+            "data": options.data,
+            "skipped_records": load_report.skipped,
+            "truncated_records": token_report.truncated,
+        },
+    )
+
+
+def train_on_examples(
+    options: TrainOptions,
+    model,
+    tokenizer,
+    examples: list[TokenizedExample],
+    *,
+    accelerator=None,
+    extra_summary: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train an already-loaded model on tokenised examples and save everything into ``output_dir``."""
+    from accelerate import Accelerator
+
+    check_train_options(options)
+    accelerator = accelerator or Accelerator(mixed_precision="bf16" if options.bf16 else "no")
+    objective = objectives.get(options.objective, sft_weight=options.sft_weight)
+    started = time.perf_counter()
+    reference, cached = None, False
+    reference_model = None
+    needs_reference = not objectives.is_reference_free(objective)
+    if needs_reference and options.reference == "precompute":
+        reference, cached = reference_logps(options, model, examples, tokenizer.pad_token_id, accelerator)
+        print(
+            f"reference log-probs: {'read from cache' if cached else 'computed and cached'}", file=sys.stderr
+        )
+    if options.lora_r:
+        model = apply_lora(model, options)
+    elif needs_reference and options.reference == "on-the-fly":
+        if options.ref_model:
+            from miopt.models import load_model
+
+            reference_model = load_model(options.ref_model, dtype=options.dtype)
+        else:
+            reference_model = copy.deepcopy(model)
+        reference_model.requires_grad_(False).eval().to(accelerator.device)
+    step = make_step_function(
+        objective,
+        PreferenceData(examples, reference),
+        beta=options.beta,
+        pad_token_id=tokenizer.pad_token_id,
+        chunk_tokens=options.logprob_chunk,
+        reference_model=reference_model,
+        objective_kwargs=objective_options(options),
+    )
+    monitor = ChosenDeclineMonitor(options.chosen_decline_warning)
+    stateful = {"objective": objective} if hasattr(objective, "state_dict") else {}
+    result = run_loop(
+        options,
+        model=model,
+        num_examples=len(examples),
+        step_fn=step,
+        stateful=stateful,
+        on_log=monitor,
+        accelerator=accelerator,
+    )
+    summary: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        output_dir = Path(options.output_dir)
+        save_model(model, tokenizer, output_dir, merge_lora=options.merge_lora)
+        plot_training_curves(
+            result.history, output_dir / "curves.png", title=f"{options.objective}, beta={options.beta}"
+        )
+        summary = {
+            "objective": options.objective,
+            "beta": options.beta,
+            "steps": result.steps,
+            "resumed_from_step": result.resumed_from,
+            "examples": len(examples),
+            "reference_cached": cached,
+            "seconds": round(time.perf_counter() - started, 2),
+            "first": result.history[0] if result.history else {},
+            "final": result.history[-1] if result.history else {},
+            "chosen_decline_warning_step": monitor.warned_at,
+            "options": dataclasses.asdict(options),
+            **(extra_summary or {}),
+        }
+        atomic_write_json(output_dir / "summary.json", summary)
+    accelerator.wait_for_everyone()
+    return summary
