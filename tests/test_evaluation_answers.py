@@ -141,7 +141,10 @@ def test_load_all_formats(tmp_path) -> None:
     assert records[0].source == f"{file}:1"
     assert len(load_records(file, limit=2)) == 2
     prefix = few_shot_prefix(records[:2])
-    assert prefix == "Question: How many?\nAnswer:\n2+2=<<2+2=4>>4\n#### 4\n\nQuestion: Q2\nAnswer:\n1+1=2\nA: 2\n\n"
+    assert (
+        prefix
+        == "Question: How many?\nAnswer:\n2+2=<<2+2=4>>4\n#### 4\n\nQuestion: Q2\nAnswer:\n1+1=2\nA: 2\n\n"
+    )
 
 
 def test_builtin_arithmetic_records() -> None:
@@ -163,7 +166,10 @@ def test_builtin_arithmetic_records() -> None:
         ([{"prompt": "a"}], r"bad\.jsonl:1: field 'answer': missing"),
         ([{"question": "a", "answer": "no final number"}], r"bad\.jsonl:1: field 'answer': no final answer"),
         ([{"question": "a", "choices": ["x", "y"], "answer": 5}], r"bad\.jsonl:1: field 'answer': index 5"),
-        ([{"question": "a", "choices": ["x"], "answer": 0}], r"field 'choices': expected a list of at least two"),
+        (
+            [{"question": "a", "choices": ["x"], "answer": 0}],
+            r"field 'choices': expected a list of at least two",
+        ),
         ([{"prompt": "a", "answer": "1", "answer_type": "fuzzy"}], r"field 'answer_type'"),
         (["[1, 2]"], r"bad\.jsonl:1: expected a JSON object"),
     ],

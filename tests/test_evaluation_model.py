@@ -22,7 +22,13 @@ def tiny():
     return model, tokenizer
 
 
-PROMPTS = ["Q: 1+2+3=?\n", "Q: 93-27+14-50=?\n", "hi", "Question: a long prompt of some length\nAnswer:", "Q: 5+5=?\n"]
+PROMPTS = [
+    "Q: 1+2+3=?\n",
+    "Q: 93-27+14-50=?\n",
+    "hi",
+    "Question: a long prompt of some length\nAnswer:",
+    "Q: 5+5=?\n",
+]
 
 
 def test_cut_at_stop() -> None:
@@ -55,7 +61,9 @@ def test_stop_strings_cut_where_they_should(tiny) -> None:
         checked += 1
     assert checked >= 3
     # a stop string that never occurs leaves the text whole
-    assert generate(model, tokenizer, PROMPTS, max_new_tokens=16, stop=["\x00never"], batch_size=2) == [[t] for t in full]
+    assert generate(model, tokenizer, PROMPTS, max_new_tokens=16, stop=["\x00never"], batch_size=2) == [
+        [t] for t in full
+    ]
 
 
 def test_sampling_is_seeded_and_returns_n(tiny) -> None:

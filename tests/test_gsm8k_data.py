@@ -11,7 +11,13 @@ import pytest
 
 from miopt.errors import DataError
 from miopt.evaluation.answers import check_number, format_number, gsm8k_reference
-from miopt.evaluation.gsm8k_pairs import EVAL_FILE, HELDOUT_FILE, MANIFEST_FILE, TRAIN_FILE, convert_gsm8k_pairs
+from miopt.evaluation.gsm8k_pairs import (
+    EVAL_FILE,
+    HELDOUT_FILE,
+    MANIFEST_FILE,
+    TRAIN_FILE,
+    convert_gsm8k_pairs,
+)
 from miopt.evaluation.tasks import gsm8k_prompt, load_records
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
@@ -21,7 +27,9 @@ SAMPLE_FIELDS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_ve
 @pytest.fixture(scope="module")
 def gsm8k() -> Path:
     if not DATA.is_dir():
-        message = f"GSM8K data folder {DATA} is absent (expected at ../shared/data/gsm8k beside the repository)"
+        message = (
+            f"GSM8K data folder {DATA} is absent (expected at ../shared/data/gsm8k beside the repository)"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(message + "; CI=true requires it")
         pytest.skip(message)
@@ -73,7 +81,13 @@ def test_pairs_converter_counts_and_split(gsm8k: Path, tmp_path: Path, capsys) -
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     args = parser.parse_args(
-        ["gsm8k-pairs", "--input", str(gsm8k / "example_model_solutions.jsonl"), "--output-dir", str(tmp_path)]
+        [
+            "gsm8k-pairs",
+            "--input",
+            str(gsm8k / "example_model_solutions.jsonl"),
+            "--output-dir",
+            str(tmp_path),
+        ]
     )
     assert command.run(args) == 0
     printed = capsys.readouterr().out
@@ -111,7 +125,9 @@ def test_pairs_converter_counts_and_split(gsm8k: Path, tmp_path: Path, capsys) -
     assert len(train_prompts) + counts["questions_without_negatives"] >= counts["train_questions"]
 
     # the eval file is GSM8K format with the same gold answers as test.jsonl
-    gold_by_question = {row["question"]: gsm8k_reference(row["answer"]) for row in _rows(gsm8k / "test.jsonl")}
+    gold_by_question = {
+        row["question"]: gsm8k_reference(row["answer"]) for row in _rows(gsm8k / "test.jsonl")
+    }
     records = load_records(tmp_path / EVAL_FILE)
     assert all(row["answer"].rstrip().splitlines()[-1].startswith("#### ") for row in evaluation)
     for row, record in zip(evaluation, records):
@@ -138,7 +154,11 @@ def test_pairs_converter_small_file_and_errors(tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))
     counts = convert_gsm8k_pairs(source, tmp_path / "out", heldout_fraction=0.0)
-    assert counts["train_pairs"] == 2 and counts["heldout_pairs"] == 0 and counts["questions_without_negatives"] == 1
+    assert (
+        counts["train_pairs"] == 2
+        and counts["heldout_pairs"] == 0
+        and counts["questions_without_negatives"] == 1
+    )
     pairs = _rows(tmp_path / "out" / TRAIN_FILE)
     assert [pair["chosen"] for pair in pairs] == ["2+2=<<2+2=4>>4\nA: 4", "2+2=4\nA: 4"]
     assert pairs[0]["rejected"] == ["2+2=5\nA: 5", "A: 3"]
@@ -147,6 +167,8 @@ def test_pairs_converter_small_file_and_errors(tmp_path: Path) -> None:
     source.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"question": "x", "m1": sample}) + "\n")
     with pytest.raises(DataError, match=r"in\.jsonl:2: field 'ground_truth': missing"):
         convert_gsm8k_pairs(source, tmp_path / "bad")
-    source.write_text(json.dumps({"question": "x", "ground_truth": "A: 1", "m1": {"solution": "A: 1"}}) + "\n")
+    source.write_text(
+        json.dumps({"question": "x", "ground_truth": "A: 1", "m1": {"solution": "A: 1"}}) + "\n"
+    )
     with pytest.raises(DataError, match=r"in\.jsonl:1: field 'm1'"):
         convert_gsm8k_pairs(source, tmp_path / "bad")

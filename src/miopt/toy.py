@@ -27,7 +27,8 @@ Two experiments (docs/theory.md; Lv et al. 2025, arXiv 2506.22578):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,6 +44,8 @@ DEFAULT_BETA = 0.1
 DEFAULT_LR = 3.0
 DEFAULT_SAMPLES = 8
 DEFAULT_SEED = 0
+# |log-prob| or |loss| beyond this counts as divergence (float64 overflows much later, uselessly).
+DIVERGENCE_LIMIT = 1e6
 
 # Offline problem: one prompt, six responses; features (shared, chosen's own, rejected's own).
 # The pair shares a big common feature and the rejected loads more on it, so the cheapest way to
@@ -116,6 +119,8 @@ class OfflineCurve:
 
     ``margins`` is the log-ratio margin ``(T_w - T_l) / beta`` in nats; ``losses[t]`` is the loss
     evaluated at step ``t`` (its last entry is at the final parameters, no update after it).
+    ``diverged_at``: the step at which a value first became non-finite or exceeded ``DIVERGENCE_LIMIT``
+    (``None``: never).
     """
 
     objective: str
@@ -162,7 +167,8 @@ class OnPolicyCurve:
     correct response was sampled (``None``: never); ``injections`` counts the steps at which the
     known-correct response was supplied as a positive; ``updates[prompt]`` counts the steps at which
     the prompt contributed to the loss (it needs a positive and a negative); ``diverged_at``: the
-    step at which a log-probability or the loss first became non-finite (``None``: never).
+    step at which a log-probability or the loss first became non-finite or exceeded ``DIVERGENCE_LIMIT``
+    (``None``: never).
     """
 
     objective: str
@@ -214,7 +220,28 @@ class ToyResults:
 
 
 def _nonfinite(values: Tensor) -> bool:
-    return not bool(torch.isfinite(values.detach()).all())
+    """Whether any value is non-finite or beyond ``DIVERGENCE_LIMIT`` (a run that has blown up)."""
+    values = values.detach()
+    return not bool((torch.isfinite(values) & (values.abs() < DIVERGENCE_LIMIT)).all())
+
+
+def _sgd_step(theta: Tensor, loss: Tensor, lr: float) -> None:
+    """Plain gradient descent, ``theta <- theta - lr * dloss/dtheta``."""
+    (grad,) = torch.autograd.grad(loss, theta)
+    with torch.no_grad():
+        theta -= lr * grad
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run on one intra-op thread: the tensors hold a few numbers, and extra threads only contend
+    (on a loaded 2-core machine two threads made a run ~20x slower). Restores the setting after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _objective_losses(
@@ -241,6 +268,7 @@ def _objective_losses(
     return output.losses
 
 
+@_one_thread()
 def run_offline(
     objective: str, *, steps: int = DEFAULT_STEPS, beta: float = DEFAULT_BETA, lr: float = DEFAULT_LR
 ) -> OfflineCurve:
@@ -248,13 +276,13 @@ def run_offline(
 
     Deterministic (no sampling). With the defaults, DPO's chosen log-probability falls throughout
     while the margin grows; MIO's dips, then returns above its start (theory.md sections 2-3).
-    If a log-probability or the loss becomes non-finite (learning rate too large for the objective),
+    If a log-probability or the loss becomes non-finite or exceeds ``DIVERGENCE_LIMIT`` in size (learning
+    rate too large for the objective),
     the run stops there and ``diverged_at`` records the step; the curves hold the finite steps before it.
     """
     problem = offline_problem()
     loss_fn = objectives.get(objective)
     theta = problem.initial_theta().requires_grad_(True)
-    optimizer = torch.optim.SGD([theta], lr=lr)
     ref = problem.log_probs(theta.detach())
     ref_chosen, ref_rejected = ref[:, OFFLINE_CHOSEN], ref[:, OFFLINE_REJECTED]
     mask = torch.ones(1, 1, dtype=torch.bool)
@@ -274,12 +302,11 @@ def run_offline(
         curve.losses.append(float(loss.detach()))
         if step == steps:
             break
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        _sgd_step(theta, loss, lr)
     return curve
 
 
+@_one_thread()
 def run_onpolicy(
     objective: str,
     *,
@@ -308,7 +335,6 @@ def run_onpolicy(
     names = ONPOLICY_PROMPTS
     generators = [torch.Generator().manual_seed(seed * len(names) + p) for p in range(len(names))]
     theta = problem.initial_theta().requires_grad_(True)
-    optimizer = torch.optim.SGD([theta], lr=lr)
     ref = problem.log_probs(theta.detach())
     curve = OnPolicyCurve(
         objective=objective,
@@ -364,9 +390,7 @@ def run_onpolicy(
         if _nonfinite(loss):
             curve.diverged_at = step
             break
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        _sgd_step(theta, loss, lr)
     return curve
 
 

@@ -136,7 +136,7 @@ class ChosenDeclineMonitor:
     """Warns once when the chosen log-prob has fallen ``margin`` nats below the reference:
     the late-training decline of DPO that MIO exists to prevent (theory.md section 2)."""
 
-    def __init__(self, margin: float, stream=sys.stderr) -> None:
+    def __init__(self, margin: float, stream=None) -> None:
         self.margin, self.stream, self.warned_at = margin, stream, None
 
     def __call__(self, record: dict[str, float]) -> None:
@@ -149,7 +149,7 @@ class ChosenDeclineMonitor:
                 f"\nWARNING: step {self.warned_at}: chosen log-prob is {change:.2f} nats below the reference "
                 f"(threshold {self.margin}). The preferred responses are losing likelihood; this is the decline "
                 "MIO (--objective mio) is designed to prevent. Consider mio, a smaller learning rate or --sft-weight.",
-                file=self.stream,
+                file=self.stream or sys.stderr,
                 flush=True,
             )
 

@@ -13,9 +13,15 @@ HELP = "Data converters: 'gsm8k-pairs' turns GSM8K model samples into preference
 
 @dataclass
 class Gsm8kPairsOptions:
-    input: str = option("", "example_model_solutions.jsonl (question, ground_truth, model samples with is_correct).")
-    output_dir: str = option("", "Folder for pairs_train.jsonl, pairs_heldout.jsonl, heldout_eval.jsonl, manifest.json.")
-    heldout_fraction: float = option(0.2, "Fraction of questions held out (pairs and GSM8K-format evaluation file).")
+    input: str = option(
+        "", "example_model_solutions.jsonl (question, ground_truth, model samples with is_correct)."
+    )
+    output_dir: str = option(
+        "", "Folder for pairs_train.jsonl, pairs_heldout.jsonl, heldout_eval.jsonl, manifest.json."
+    )
+    heldout_fraction: float = option(
+        0.2, "Fraction of questions held out (pairs and GSM8K-format evaluation file)."
+    )
     seed: int = option(0, "Seed of the question split.")
 
 
@@ -48,7 +54,8 @@ def _run_gsm8k_pairs(args: argparse.Namespace) -> int:
         options.input, options.output_dir, heldout_fraction=options.heldout_fraction, seed=options.seed
     )
     print(
-        f"{counts['questions']} questions ({counts['train_questions']} train, {counts['heldout_questions']} held out; "
+        f"{counts['questions']} questions ({counts['train_questions']} train, "
+        f"{counts['heldout_questions']} held out; "
         f"{counts['questions_without_negatives']} without an incorrect sample give no pair); "
         f"samples: {counts['correct_samples']} correct, {counts['incorrect_samples']} incorrect"
     )

@@ -16,21 +16,34 @@ HELP = "Evaluate a model: generation (GSM8K, MATH, arithmetic) or multiple choic
 
 @dataclass
 class EvalOptions:
-    model: str = option("", "Model folder (AutoModelForCausalLM / AutoTokenizer), or 'builtin' (untrained; smoke tests).")
-    data: str = option("", "JSONL file (GSM8K, MATH, multiple-choice or generic format; docs/evaluation.md) or 'arithmetic'.")
+    model: str = option(
+        "", "Model folder (AutoModelForCausalLM / AutoTokenizer), or 'builtin' (untrained; smoke tests)."
+    )
+    data: str = option(
+        "", "JSONL file (GSM8K, MATH, multiple-choice or generic format; docs/evaluation.md) or 'arithmetic'."
+    )
     output_dir: str | None = option(None, "Folder for summary.json and predictions.jsonl (none: print only).")
     limit: int | None = option(None, "Evaluate only the first N records.")
     max_new_tokens: int = option(256, "Most tokens generated per answer.")
     batch_size: int = option(16, "Prompts per batch.")
-    num_samples: int = option(1, "Samples per prompt (>1: majority vote and pass@k; needs --temperature > 0).")
+    num_samples: int = option(
+        1, "Samples per prompt (>1: majority vote and pass@k; needs --temperature > 0)."
+    )
     temperature: float = option(0.0, "Sampling temperature; 0 = greedy.")
     top_p: float = option(1.0, "Nucleus sampling threshold.")
-    pass_k: list[int] | None = option(None, "k values for pass@k with several samples (default: 1 and num_samples).")
-    stop: list[str] | None = option(None, "Stop strings (default by answer type: GSM8K '\\n\\n', arithmetic '\\n').")
+    pass_k: list[int] | None = option(
+        None, "k values for pass@k with several samples (default: 1 and num_samples)."
+    )
+    stop: list[str] | None = option(
+        None, "Stop strings (default by answer type: GSM8K '\\n\\n', arithmetic '\\n')."
+    )
     chat_template: bool = option(False, "Wrap each prompt as a user turn with the tokenizer's chat template.")
     system_prompt: str | None = option(None, "System message when --chat-template is on.")
     few_shot: int = option(0, "Number of worked examples put before each prompt.")
-    few_shot_file: str | None = option(None, "Where the few-shot examples come from (default: the first records of --data, then not evaluated).")
+    few_shot_file: str | None = option(
+        None,
+        "Where the few-shot examples come from (default: the first records of --data, then not evaluated).",
+    )
     seed: int = option(0, "Random seed for sampling.")
     device: str = option("auto", "Device: auto, cpu, cuda, cuda:1, ...")
     dtype: str = option("auto", "Model weights' dtype.", choices=["auto", "float32", "bfloat16", "float16"])
@@ -124,7 +137,10 @@ def run(args: argparse.Namespace) -> int:
     if "choice" in summary:
         part = summary["choice"]
         low, high = part["ci95_norm"]
-        print(f"multiple choice: accuracy {part['accuracy']:.4f}, length-normalised {part['accuracy_norm']:.4f} (95% CI {low:.4f}-{high:.4f})")
+        print(
+            f"multiple choice: accuracy {part['accuracy']:.4f}, "
+            f"length-normalised {part['accuracy_norm']:.4f} (95% CI {low:.4f}-{high:.4f})"
+        )
     for key, value in summary.get("generation", {}).items():
         if key.startswith("pass@") or key == "majority_vote_accuracy":
             print(f"{key} {value:.4f}")

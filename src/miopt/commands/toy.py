@@ -112,9 +112,9 @@ def plot_offline(results: Any, path: Path) -> None:
     for ax, (attribute, ylabel, title) in zip(axes, panels):
         for curve in results.offline:
             values = getattr(curve, attribute)
-            label = curve.objective + (
-                f" (diverged at {curve.diverged_at})" if curve.diverged_at is not None else ""
-            )
+            label = curve.objective
+            if curve.diverged_at is not None:  # drawn, it would only wreck the axis scale
+                values, label = [], f"{label}: diverged at step {curve.diverged_at}, not drawn"
             ax.plot(range(len(values)), values, color=colours[curve.objective], lw=2, label=label)
         if attribute != "margins" and results.offline:
             start = getattr(results.offline[0], attribute)[0]
@@ -123,7 +123,7 @@ def plot_offline(results: Any, path: Path) -> None:
         ax.set_xlabel("SGD step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="lower left")
+    axes[0].legend(loc="best")
     fig.suptitle(
         "Offline toy: one preference pair whose responses share a large feature "
         f"(beta={settings['beta']}, SGD lr={settings['lr']}, {settings['steps']} steps)"
@@ -148,6 +148,11 @@ def plot_onpolicy(results: Any, path: Path) -> None:
             values = curve.correct_logps[prompt]
             mode = "injection" if curve.inject else "no injection"
             label = f"{curve.objective}, {mode}: sampled {curve.correct_sampled[prompt]}x"
+            if curve.diverged_at is not None:
+                values, label = (
+                    [],
+                    f"{curve.objective}, {mode}: diverged at step {curve.diverged_at}, not drawn",
+                )
             # Runs without injection often coincide (flat at the start): earlier ones drawn wider.
             width = 2.0 if curve.inject else max(1.5, 5.0 - 1.5 * (index // 2))
             ax.plot(
@@ -213,11 +218,8 @@ def _format_table(results: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     options = resolve(ToyOptions, args)
     _validate(options)
-    import torch
-
     from miopt import toy
 
-    torch.set_num_threads(1)
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = toy.run_all(

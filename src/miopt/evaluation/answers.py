@@ -226,7 +226,11 @@ def equivalent(answer_type: str, first: str, second: str) -> bool:
         from math_verify import verify
 
         try:
-            return bool(verify(_math_parse(first, gold=True), _math_parse(second, gold=True), timeout_seconds=_timeout()))
-        except Exception:  # noqa: BLE001 - math-verify can raise on odd input; treat as different
+            return bool(
+                verify(
+                    _math_parse(first, gold=True), _math_parse(second, gold=True), timeout_seconds=_timeout()
+                )
+            )
+        except Exception:  # math-verify can raise on odd input: treat the answers as different
             return first == second
     return first == second

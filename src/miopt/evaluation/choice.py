@@ -41,13 +41,15 @@ class ChoiceScores:
         return max(range(len(scores)), key=lambda index: scores[index])
 
 
-def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer: Any, context: str, continuation: str, add_special_tokens: bool = True
+) -> tuple[list[int], list[int]]:
     """Token ids of (context, continuation), split from the encoding of their concatenation."""
     stripped = context.rstrip()
     continuation = context[len(stripped) :] + continuation
     context = stripped
-    whole = tokenizer(context + continuation, add_special_tokens=True)["input_ids"]
-    context_ids = tokenizer(context, add_special_tokens=True)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=add_special_tokens)["input_ids"]
+    context_ids = tokenizer(context, add_special_tokens=add_special_tokens)["input_ids"]
     if whole[: len(context_ids)] != context_ids:
         continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
         return context_ids, continuation_ids
@@ -55,11 +57,22 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 
 
 def loglikelihoods(
-    model: Any, tokenizer: Any, requests: Sequence[tuple[str, str]], *, batch_size: int = 16
+    model: Any,
+    tokenizer: Any,
+    requests: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 16,
+    add_special_tokens: bool = True,
+    progress: bool = False,
 ) -> list[tuple[float, int]]:
     """For each (context, continuation): (sum of the continuation's token log-probabilities,
     number of continuation tokens). Batches are right-padded; padding is masked."""
-    encoded = [encode_pair(tokenizer, context, continuation) for context, continuation in requests]
+    from tqdm.auto import tqdm
+
+    encoded = [
+        encode_pair(tokenizer, context, continuation, add_special_tokens)
+        for context, continuation in requests
+    ]
     for index, (context_ids, continuation_ids) in enumerate(encoded):
         if not context_ids:
             raise ValueError(f"request {index}: the context encodes to no tokens; give a non-empty prompt")
@@ -73,7 +86,8 @@ def loglikelihoods(
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(order), batch_size):
+            starts = range(0, len(order), batch_size)
+            for start in tqdm(starts, desc="score choices", unit="batch", disable=not progress, leave=False):
                 batch = order[start : start + batch_size]
                 sequences = [encoded[index][0] + encoded[index][1] for index in batch]
                 width = max(map(len, sequences))
@@ -104,11 +118,20 @@ def score_choices(
     items: Sequence[tuple[str, Sequence[str]]],
     *,
     batch_size: int = 16,
+    add_special_tokens: bool = True,
+    progress: bool = False,
 ) -> list[ChoiceScores]:
     """Score each (context, choices) item: one :class:`ChoiceScores` per item, the continuations
     being the choices as given (callers add a separating space; see :func:`continuation`)."""
     requests = [(context, choice) for context, choices in items for choice in choices]
-    flat = loglikelihoods(model, tokenizer, requests, batch_size=batch_size)
+    flat = loglikelihoods(
+        model,
+        tokenizer,
+        requests,
+        batch_size=batch_size,
+        add_special_tokens=add_special_tokens,
+        progress=progress,
+    )
     scores, position = [], 0
     for _, choices in items:
         chunk = flat[position : position + len(choices)]

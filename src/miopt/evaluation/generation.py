@@ -111,6 +111,9 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id
     encoded = [tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"] for prompt in prompts]
+    empty = [index for index, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} encodes to no tokens; give a non-empty prompt")
     order = sorted(range(len(prompts)), key=lambda index: -len(encoded[index]))
     results: list[list[str]] = [[] for _ in prompts]
     device = next(model.parameters()).device
@@ -122,13 +125,18 @@ def generate(
         torch.manual_seed(seed)
         bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress, leave=False)
         for batch in _batches(order, batch_size):
-            inputs = tokenizer.pad(
-                {"input_ids": [encoded[index] for index in batch]}, padding=True, return_tensors="pt"
-            ).to(device)
-            prompt_length = inputs["input_ids"].shape[1]
+            rows = [encoded[index] for index in batch]
+            width = max(map(len, rows))
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for row, tokens in enumerate(rows):  # left padding: the prompts end where generation starts
+                ids[row, width - len(tokens) :] = torch.tensor(tokens)
+                mask[row, width - len(tokens) :] = 1
+            prompt_length = width
             criteria = StoppingCriteriaList([_StopOnStrings(tokenizer, stop, prompt_length)] if stop else [])
             output = model.generate(
-                **inputs,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens,
                 num_return_sequences=num_samples,
                 stopping_criteria=criteria,

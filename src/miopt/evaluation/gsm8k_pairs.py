@@ -66,7 +66,9 @@ def gsm8k_format_answer(ground_truth: str, where: str = "") -> str:
     """A solution ending ``A: <number>`` rewritten to GSM8K's own ending ``#### <number>``."""
     gold = gsm8k_reference(ground_truth)
     if gold is None:
-        raise DataError("no final answer ('A: <number>' or '#### <number>') found", source=where, field="ground_truth")
+        raise DataError(
+            "no final answer ('A: <number>' or '#### <number>') found", source=where, field="ground_truth"
+        )
     if "####" in ground_truth:
         return ground_truth
     return f"{_FINAL_LINE.sub('', ground_truth).rstrip()}\n#### {format_number(gold)}"
@@ -82,7 +84,9 @@ def convert_gsm8k_pairs(
     """Write ``pairs_train.jsonl``, ``pairs_heldout.jsonl``, ``heldout_eval.jsonl`` and
     ``manifest.json`` (these counts and the settings) under ``output_dir``; returns the counts."""
     if not 0.0 <= heldout_fraction < 1.0:
-        raise DataError(f"held-out fraction must be in [0, 1), got {heldout_fraction}", source=str(input_path))
+        raise DataError(
+            f"held-out fraction must be in [0, 1), got {heldout_fraction}", source=str(input_path)
+        )
     questions: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
     for number, record in read_jsonl(input_path):
@@ -90,7 +94,9 @@ def convert_gsm8k_pairs(
         question = _string(record, "question", where)
         ground_truth = _string(record, "ground_truth", where)
         if question.strip() in seen:
-            raise DataError(f"question repeats the one at {seen[question.strip()]}", source=where, field="question")
+            raise DataError(
+                f"question repeats the one at {seen[question.strip()]}", source=where, field="question"
+            )
         seen[question.strip()] = where
         samples = _samples(record, where)
         positives = _unique([ground_truth] + [text for _, correct, text in samples if correct])
@@ -120,15 +126,21 @@ def convert_gsm8k_pairs(
             item = questions[index]
             if not item["negatives"]:
                 continue
-            rejected: str | list[str] = item["negatives"][0] if len(item["negatives"]) == 1 else item["negatives"]
+            rejected: str | list[str] = (
+                item["negatives"][0] if len(item["negatives"]) == 1 else item["negatives"]
+            )
             prompt = gsm8k_prompt(item["question"])
-            rows.extend({"prompt": prompt, "chosen": positive, "rejected": rejected} for positive in item["positives"])
+            rows.extend(
+                {"prompt": prompt, "chosen": positive, "rejected": rejected} for positive in item["positives"]
+            )
         return rows
 
     train_indices = [index for index in range(len(questions)) if index not in heldout]
     heldout_indices = sorted(heldout)
     train_rows, heldout_rows = pairs(train_indices), pairs(heldout_indices)
-    eval_rows = [{"question": questions[i]["question"], "answer": questions[i]["answer"]} for i in heldout_indices]
+    eval_rows = [
+        {"question": questions[i]["question"], "answer": questions[i]["answer"]} for i in heldout_indices
+    ]
     output_dir = Path(output_dir)
     write_jsonl_atomic(output_dir / TRAIN_FILE, train_rows)
     write_jsonl_atomic(output_dir / HELDOUT_FILE, heldout_rows)

@@ -87,11 +87,16 @@ def evaluate(
     groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
     for index in generation:
         record = records[index]
-        stops = list(stop) if stop is not None else ([] if chat_template else DEFAULT_STOPS[record.answer_type])
+        stops = (
+            list(stop) if stop is not None else ([] if chat_template else DEFAULT_STOPS[record.answer_type])
+        )
         groups[tuple(stops)].append(index)
     sample_flags: dict[int, list[bool]] = {}
     for stops, indices in groups.items():
-        prompts = [_render(tokenizer, few_shot_prefix + records[i].prompt, chat_template, system_prompt) for i in indices]
+        prompts = [
+            _render(tokenizer, few_shot_prefix + records[i].prompt, chat_template, system_prompt)
+            for i in indices
+        ]
         outputs = generate(
             model,
             tokenizer,
@@ -113,7 +118,9 @@ def evaluate(
             sample_flags[index] = flags
             row: dict[str, Any] = {"source": record.source, "prompt": record.prompt}
             if num_samples == 1:
-                row.update(output=samples[0], extracted=verdicts[0].extracted, gold=record.gold, correct=flags[0])
+                row.update(
+                    output=samples[0], extracted=verdicts[0].extracted, gold=record.gold, correct=flags[0]
+                )
             else:
                 extracted = [verdict.extracted for verdict in verdicts]
                 vote = majority_vote(
@@ -137,7 +144,9 @@ def evaluate(
             record = records[index]
             context = _render(tokenizer, few_shot_prefix + record.prompt, chat_template, system_prompt)
             items.append((context, [continuation(context, option) for option in record.choices or ()]))
-        scores = score_choices(model, tokenizer, items, batch_size=batch_size)
+        scores = score_choices(
+            model, tokenizer, items, batch_size=batch_size, add_special_tokens=add_special, progress=progress
+        )
         for index, score in zip(choice, scores):
             record = records[index]
             rows[index] = {
@@ -164,7 +173,11 @@ def evaluate(
     }
     if generation:
         generated = [bool(rows[i]["correct"]) for i in generation]
-        part: dict[str, Any] = {"n": len(generated), "accuracy": accuracy(generated), "ci95": _interval(generated)}
+        part: dict[str, Any] = {
+            "n": len(generated),
+            "accuracy": accuracy(generated),
+            "ci95": _interval(generated),
+        }
         if num_samples > 1:
             ks = sorted({k for k in (pass_k or (1, num_samples)) if 0 < k <= num_samples})
             part["num_samples"] = num_samples
@@ -218,10 +231,19 @@ def evaluate_arithmetic(
     if not problems:
         return 0.0
     outputs = generate(
-        model, tokenizer, [problem.prompt for problem in problems],
-        max_new_tokens=max_new_tokens, stop=["\n"], batch_size=batch_size,
+        model,
+        tokenizer,
+        [problem.prompt for problem in problems],
+        max_new_tokens=max_new_tokens,
+        stop=["\n"],
+        batch_size=batch_size,
     )
-    return accuracy([answers.check_arithmetic(texts[0], problem.answer).correct for texts, problem in zip(outputs, problems)])
+    return accuracy(
+        [
+            answers.check_arithmetic(texts[0], problem.answer).correct
+            for texts, problem in zip(outputs, problems)
+        ]
+    )
 
 
 __all__ = ["DEFAULT_STOPS", "arithmetic_records", "evaluate", "evaluate_arithmetic"]

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from miopt.errors import DataError
-from miopt.evaluation.choice import continuation
 from miopt.evaluation.answers import (
     ANSWER_TYPES,
     extract_boxed,
@@ -39,6 +38,7 @@ from miopt.evaluation.answers import (
     is_number,
     parse_number,
 )
+from miopt.evaluation.choice import continuation
 from miopt.tasks import arithmetic
 
 GSM8K_PROMPT = "Question: {question}\nAnswer:\n"
@@ -147,7 +147,9 @@ def _choices(record: dict[str, Any], where: str) -> tuple[tuple[str, ...], list[
     labels: list[str] | None = None
     if isinstance(raw, dict):
         if "text" not in raw:
-            raise DataError("expected a list of strings or {'text': [...], 'label': [...]}", source=where, field="choices")
+            raise DataError(
+                "expected a list of strings or {'text': [...], 'label': [...]}", source=where, field="choices"
+            )
         labels = [str(label) for label in raw.get("label", [])] or None
         raw = raw["text"]
     if not isinstance(raw, list) or len(raw) < 2 or not all(isinstance(choice, str) for choice in raw):
@@ -208,10 +210,14 @@ def _generic_record(record: dict[str, Any], where: str) -> EvalRecord:
     if answer_type is None:
         answer_type = "number" if is_number(gold) else "math"
     if answer_type not in ANSWER_TYPES:
-        raise DataError(f"{answer_type!r} is not one of {', '.join(ANSWER_TYPES)}", source=where, field="answer_type")
+        raise DataError(
+            f"{answer_type!r} is not one of {', '.join(ANSWER_TYPES)}", source=where, field="answer_type"
+        )
     if answer_type == "number" and parse_number(gold) is None:
         raise DataError(f"{gold!r} is not a number", source=where, field="answer")
-    return EvalRecord(prompt=prompt, gold=gold, answer_type=answer_type, solution=record.get("solution"), source=where)
+    return EvalRecord(
+        prompt=prompt, gold=gold, answer_type=answer_type, solution=record.get("solution"), source=where
+    )
 
 
 def parse_record(record: dict[str, Any], where: str) -> EvalRecord:
@@ -277,7 +283,9 @@ def load_records(spec: str | Path, *, limit: int | None = None) -> list[EvalReco
     if text == "arithmetic" or (text.startswith("arithmetic:") and not Path(text).exists()):
         settings = _arithmetic_spec(text)
         n_heldout = settings["n_heldout"] if limit is None else min(limit, settings["n_heldout"])
-        _, heldout = arithmetic.generate_splits(settings["n_train"], settings["n_heldout"], seed=settings["seed"])
+        _, heldout = arithmetic.generate_splits(
+            settings["n_train"], settings["n_heldout"], seed=settings["seed"]
+        )
         return arithmetic_records(heldout[:n_heldout])
     return load_jsonl_records(text, limit=limit)
 
@@ -291,7 +299,9 @@ def few_shot_prefix(examples: Sequence[EvalRecord], separator: str = "\n\n") -> 
         elif example.solution:
             parts.append(example.prompt + example.solution.strip())
         else:
-            raise DataError("a few-shot example needs a worked solution", source=example.source, field="solution")
+            raise DataError(
+                "a few-shot example needs a worked solution", source=example.source, field="solution"
+            )
     return "".join(part + separator for part in parts)
 
 
