@@ -162,7 +162,12 @@ def test_builtin_arithmetic_records() -> None:
     ("rows", "message"),
     [
         (['{"question": "a", "answer": "#### 1"}', "{not json"], r"bad\.jsonl:2: not valid JSON"),
-        ([{"question": "a", "answer": "#### 1"}, {"question": "b"}], r"bad\.jsonl:2: unrecognised record"),
+        (
+            [{"question": "a", "answer": "#### 1"}, {"question": "b"}],
+            r"bad\.jsonl:2: field 'answer': missing",
+        ),
+        ([{"text": "a"}], r"bad\.jsonl:1: unrecognised record \(fields: text\)"),
+        ([{"problem": "a"}], r"bad\.jsonl:1: field 'solution': missing"),
         ([{"prompt": "a"}], r"bad\.jsonl:1: field 'answer': missing"),
         ([{"question": "a", "answer": "no final number"}], r"bad\.jsonl:1: field 'answer': no final answer"),
         ([{"question": "a", "choices": ["x", "y"], "answer": 5}], r"bad\.jsonl:1: field 'answer': index 5"),

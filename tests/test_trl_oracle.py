@@ -1,15 +1,20 @@
 """Peer oracle: miopt's training step against TRL's own ``DPOTrainer`` on a real model and batch.
 
-Both libraries load the same tiny model (the built-in character-level Llama, written with
-``save_pretrained`` to a temporary folder) and the same reference model, and score the same four
-preference pairs (standard prompt/chosen/rejected strings) with the same beta. On TRL's side a
-real ``DPOTrainer`` is built from a ``DPOConfig`` (float32: ``bf16=False``; ``max_length`` far
-above the longest sequence, so nothing is truncated; dropout disabled) and its own
-``compute_loss`` runs on the batch its own train dataloader yields; the metrics are read back
-from what TRL logged (``trainer._metrics["train"]``). On miopt's side the real step function of
-``miopt train`` runs with reference log-probs from ``compute_reference_logps``. miopt's ``dpo``
-must give TRL's ``sigmoid`` loss and ``mio`` TRL's ``nca_pair`` loss, with the same
-``logps/*`` and ``rewards/*`` metrics, and the same gradient with respect to every weight.
+Both libraries load the same tiny model (the built-in character-level Llama of
+``miopt.builtin.build_model``, narrowed to hidden 64 and 2 layers to keep the test fast, written
+with ``save_pretrained`` to a temporary folder) and the same reference model, and score the same
+four preference pairs (standard prompt/chosen/rejected strings) with the same beta. On TRL's side
+a real ``DPOTrainer`` is built from a ``DPOConfig`` (float32: ``bf16=False``; ``max_length`` far
+above the longest sequence, so nothing is truncated; dropout disabled; batch size = all pairs)
+and its own ``compute_loss`` runs on the one batch its own train dataloader yields; the metrics
+are read back from what TRL logged (``trainer._metrics["train"]``). On miopt's side the real step
+function of ``miopt train`` runs with reference log-probs from ``compute_reference_logps``.
+miopt's ``dpo`` must give TRL's ``sigmoid`` loss and ``mio`` TRL's ``nca_pair`` loss, with the
+same ``logps/*``, ``rewards/*`` metrics (absolute tolerance 1e-4) and the same gradient with
+respect to every weight. The metric definitions agree for one rejected response per prompt:
+both report summed (not length-averaged) response log-probs and ``beta * (log pi - log pi_ref)``
+rewards; miopt's ``rewards/rejected`` and ``rewards/margins`` average over the K rejected
+responses of a prompt first, which is TRL's value when K = 1.
 
 Tokenisation. Both tokenise the prompt with the tokenizer's special tokens, which for the
 built-in tokenizer add nothing (it has no BOS post-processor), so neither sequence starts with
@@ -17,7 +22,7 @@ BOS. TRL appends the EOS *string* ``</s>`` to each plain-text response and token
 ``prompt + response + "</s>"``; miopt tokenises the response alone and appends the EOS *id*.
 The built-in tokenizer reads ``</s>`` as the single EOS token and has one token per character
 (no merges across the prompt/response boundary), so both libraries see identical token ids.
-The test asserts this (per example, and for the rows of the collated batch) rather than
+The test asserts this (per example, and for the rows of the two collated batches) rather than
 assuming it: a change in either library's tokenisation fails here loudly instead of showing up
 as a small numeric mismatch.
 
@@ -51,7 +56,7 @@ from miopt.logprobs import DEFAULT_CHUNK_TOKENS  # noqa: E402
 from miopt.reference import compute_reference_logps  # noqa: E402
 from miopt.train import PreferenceData, make_step_function  # noqa: E402
 
-TOL = {"rel": 1e-4, "abs": 1e-4}
+TOL = {"rel": 0, "abs": 1e-4}  # absolute, on float32 values of magnitude <= ~100
 MAX_LENGTH = 512  # far above the longest prompt + response below (asserted)
 
 PAIRS = [
@@ -85,23 +90,25 @@ def load(path):
 
 
 def trl_side(policy_dir, reference_dir, output_dir, loss_type, beta):
-    """TRL's loss (with graph), logged metrics, tokenised dataset and collated batch for one batch of all pairs."""
-    args = DPOConfig(
-        output_dir=str(output_dir),
-        report_to="none",
-        beta=beta,
-        loss_type=[loss_type],
-        max_length=MAX_LENGTH,
-        per_device_train_batch_size=len(PAIRS),
-        disable_dropout=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
+    """TRL's loss (with its graph), logged metrics and collated batch for one batch of all pairs, and the trainer."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        # TRL 1.16 sets gradient_checkpointing, a name transformers 5 deprecates, and calls deprecated helpers:
+        # FutureWarnings of the two libraries between themselves, not this test's concern.
+        warnings.simplefilter("ignore", FutureWarning)
+        args = DPOConfig(
+            output_dir=str(output_dir),
+            report_to="none",
+            beta=beta,
+            loss_type=[loss_type],
+            max_length=MAX_LENGTH,
+            per_device_train_batch_size=len(PAIRS),
+            disable_dropout=True,
+            bf16=False,
+            gradient_checkpointing=False,
+            use_cpu=True,
+            dataloader_num_workers=0,
+            seed=0,
+        )
         trainer = DPOTrainer(
             model=load(policy_dir),
             ref_model=load(reference_dir),
@@ -109,11 +116,11 @@ def trl_side(policy_dir, reference_dir, output_dir, loss_type, beta):
             train_dataset=Dataset.from_list(PAIRS),
             processing_class=AutoTokenizer.from_pretrained(policy_dir),
         )
-    batches = list(trainer.get_train_dataloader())
-    assert len(batches) == 1, "every pair must be in the one batch"
-    batch = batches[0]
-    trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, batch)
+        batches = list(trainer.get_train_dataloader())
+        assert len(batches) == 1, "every pair must be in the one batch"
+        batch = batches[0]
+        trainer.model.train()  # from_pretrained returns eval mode; TRL logs under "train" only in train mode
+        loss = trainer.compute_loss(trainer.model, batch)
     metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
     return trainer, loss, metrics, batch
 
@@ -146,7 +153,9 @@ def miopt_side(policy_dir, reference_dir, objective_name, beta):
 def batch_rows(input_ids, attention_mask, completion_mask):
     """(prompt ids, completion ids) of every row of a right-padded batch."""
     rows = []
-    for ids, attention, completion in zip(input_ids.tolist(), attention_mask.tolist(), completion_mask.tolist()):
+    for ids, attention, completion in zip(
+        input_ids.tolist(), attention_mask.tolist(), completion_mask.tolist()
+    ):
         length = sum(attention)
         prompt = tuple(i for i, c in zip(ids[:length], completion[:length]) if not c)
         response = tuple(i for i, c in zip(ids[:length], completion[:length]) if c)
@@ -183,7 +192,7 @@ def test_step_matches_trl_dpo_trainer(model_dirs, tmp_path, objective_name, loss
     trl_pairs = sorted(zip(trl_rows[:half], trl_rows[half:]))
     assert trl_pairs == sorted(zip(miopt_rows[:half], miopt_rows[half:])), "chosen/rejected pairing differs"
 
-    # A meaningful comparison: the rewards are far from zero and the pairs are not all ordered alike.
+    # A meaningful comparison: the rewards are far from zero and the pairs are not all ordered alike ...
     assert abs(metrics["rewards/margins"].item()) > 1e-2
     assert 0.0 < trl_metrics["rewards/accuracies"] < 1.0
 
@@ -191,10 +200,8 @@ def test_step_matches_trl_dpo_trainer(model_dirs, tmp_path, objective_name, loss
         assert metrics[name].item() == pytest.approx(trl_metrics[name], **TOL), name
     assert metrics["rewards/accuracies"].item() == trl_metrics["rewards/accuracies"]
     assert loss.item() == pytest.approx(trl_loss.item(), **TOL)
-    if objective_name == "dpo":
-        assert 0 < loss.item() != pytest.approx(math.log(2))
-    else:
-        assert 0 < loss.item() != pytest.approx(math.log(4))
+    # ... and the loss is not the constant it takes at zero rewards (log 2 for DPO, log 4 for MIO).
+    assert abs(loss.item() - math.log(2 if objective_name == "dpo" else 4)) > 100 * TOL["abs"]
 
     # The same gradient with respect to every weight.
     trl_loss.backward()
@@ -202,4 +209,9 @@ def test_step_matches_trl_dpo_trainer(model_dirs, tmp_path, objective_name, loss
     theirs = dict(trainer.model.named_parameters())
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and theirs[name].grad is not None, name
-        torch.testing.assert_close(parameter.grad, theirs[name].grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        reference = theirs[name].grad
+        scale = reference.abs().max().item()
+        assert scale > 0, name
+        torch.testing.assert_close(
+            parameter.grad, reference, rtol=1e-4, atol=1e-4 * scale, msg=lambda m, n=name: f"{n}: {m}"
+        )

@@ -18,6 +18,7 @@ COMMANDS = {
     "eval": "miopt.commands.evaluate",
     "data": "miopt.commands.data",
     "toy": "miopt.commands.toy",
+    "online": "miopt.commands.online",
 }
 
 

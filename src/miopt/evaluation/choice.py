@@ -97,15 +97,14 @@ def loglikelihoods(
                     ids[row, : len(sequence)] = torch.tensor(sequence)
                     mask[row, : len(sequence)] = 1
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                logprobs = torch.log_softmax(logits.float(), dim=-1)
                 for row, index in enumerate(batch):
                     context_ids, continuation_ids = encoded[index]
                     first = len(context_ids)
-                    targets = torch.tensor(continuation_ids, device=logprobs.device)
-                    # the token at position t is predicted by the logits at position t - 1
-                    picked = logprobs[row, first - 1 : first - 1 + len(continuation_ids)].gather(
-                        -1, targets.unsqueeze(-1)
-                    )
+                    # the token at position t is predicted by the logits at position t - 1; only those
+                    # rows go through log_softmax (a full batch x length x vocab copy can be gigabytes)
+                    window = logits[row, first - 1 : first - 1 + len(continuation_ids)].float()
+                    targets = torch.tensor(continuation_ids, device=window.device).unsqueeze(-1)
+                    picked = torch.log_softmax(window, dim=-1).gather(-1, targets)
                     results[index] = (float(picked.sum()), len(continuation_ids))
     finally:
         model.train(was_training)

@@ -120,7 +120,12 @@ def generate(
     sampling: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    cuda = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
+    rng = torch.random.fork_rng(devices=cuda)
     with _eval_mode(model, tokenizer), rng:
         torch.manual_seed(seed)
         bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress, leave=False)

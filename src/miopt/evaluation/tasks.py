@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import string
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,6 @@ class EvalRecord:
     gold_index: int | None = None
     solution: str | None = None
     source: str = ""
-    metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def is_choice(self) -> bool:
@@ -228,8 +227,12 @@ def parse_record(record: dict[str, Any], where: str) -> EvalRecord:
         return _choice_record(record, where, None)
     if "question" in record and ("answer" in record or "ground_truth" in record):
         return _gsm8k_record(record, where)
-    if "problem" in record and "solution" in record:
+    if "problem" in record:
         return _math_record(record, where)
+    if "question" in record:
+        raise DataError(
+            "missing (a question needs an answer, or choices and an answer)", source=where, field="answer"
+        )
     fields = ", ".join(sorted(record)) or "none"
     raise DataError(
         f"unrecognised record (fields: {fields}); expected prompt+answer[+choices], question+answer "
