@@ -19,6 +19,7 @@ COMMANDS = {
     "data": "miopt.commands.data",
     "toy": "miopt.commands.toy",
     "online": "miopt.commands.online",
+    "compare": "miopt.commands.compare",
 }
 
 

@@ -52,6 +52,19 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _owner_groups(parser: argparse.ArgumentParser, schema: type) -> dict[str, argparse._ArgumentGroup]:
+    """One ``--help`` section per dataclass in ``schema``'s hierarchy, most specific first."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for cls in schema.__mro__:
+        if not dataclasses.is_dataclass(cls):
+            continue
+        title = (cls.__doc__ or cls.__name__).strip().splitlines()[0].rstrip(".").replace("``", "")
+        group = parser.add_argument_group(title)
+        for name in cls.__dict__.get("__annotations__", {}):
+            groups.setdefault(name, group)
+    return groups
+
+
 def add_options(parser: argparse.ArgumentParser, schema: type) -> None:
     """Add one flag per field of the dataclass ``schema``; defaults are SUPPRESSed so that only
     flags actually given reach ``resolve`` (that is how flags win over the YAML file)."""
@@ -59,6 +72,7 @@ def add_options(parser: argparse.ArgumentParser, schema: type) -> None:
     parser.add_argument(
         "--config", default=argparse.SUPPRESS, help="YAML file of options (flags win). Default: none"
     )
+    groups = _owner_groups(parser, schema)
     for field in dataclasses.fields(schema):
         kind, is_list = _base_type(hints[field.name])
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
@@ -68,13 +82,14 @@ def add_options(parser: argparse.ArgumentParser, schema: type) -> None:
         for key in ("choices", "nargs", "const"):
             if key in field.metadata:
                 kwargs[key] = field.metadata[key]
+        target = groups.get(field.name, parser)
         if kind is bool:
-            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, metavar="BOOL", **kwargs)
+            target.add_argument(flag, type=_parse_bool, nargs="?", const=True, metavar="BOOL", **kwargs)
         elif is_list:
             kwargs.setdefault("nargs", "+")
-            parser.add_argument(flag, type=kind, **kwargs)
+            target.add_argument(flag, type=kind, **kwargs)
         else:
-            parser.add_argument(flag, type=kind, **kwargs)
+            target.add_argument(flag, type=kind, **kwargs)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from miopt.data.tokenize import SequenceBatch
+from miopt.packing import PackedBatch, model_attention_mask
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -80,17 +81,25 @@ def response_hidden_states(model, batch: SequenceBatch) -> tuple[Tensor, Tensor,
     return hidden[rows, cols], batch.input_ids[rows, cols + 1], positions
 
 
-def sequence_logps(model, batch: SequenceBatch, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> SequenceLogps:
+def sequence_logps(model, batch, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> SequenceLogps:
     """Summed and per-token response log-probs of every row of ``batch``.
 
     ``chunk_tokens <= 0`` takes the plain path: the model's own full logits and log-softmax
     (for models whose head is not a plain projection; also the reference the tests compare to).
     """
+    if isinstance(batch, PackedBatch):
+        return packed_sequence_logps(model, batch, chunk_tokens=chunk_tokens)
     num_rows, length = batch.input_ids.shape
     if chunk_tokens <= 0 or not _uses_plain_head(model):
         return full_sequence_logps(model, batch)
     hidden, targets, positions = response_hidden_states(model, batch)
-    head = unwrap(model).get_output_embeddings()
+    token_logps = chunked_token_logps(hidden, targets, unwrap(model).get_output_embeddings(), chunk_tokens)
+    return _assemble(token_logps, positions, num_rows, length)
+
+
+def chunked_token_logps(hidden: Tensor, targets: Tensor, head: torch.nn.Module, chunk_tokens: int) -> Tensor:
+    """``log softmax(head(hidden))[targets]`` in float32, ``chunk_tokens`` rows at a time, each chunk's
+    logits recomputed in the backward pass instead of kept."""
     pieces = []
     for start in range(0, hidden.shape[0], chunk_tokens):
         stop = start + chunk_tokens
@@ -100,8 +109,38 @@ def sequence_logps(model, batch: SequenceBatch, *, chunk_tokens: int = DEFAULT_C
             )
         else:
             pieces.append(_token_logps(hidden[start:stop], targets[start:stop], head))
-    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    return _assemble(token_logps, positions, num_rows, length)
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def packed_sequence_logps(model, batch, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> SequenceLogps:
+    """:func:`sequence_logps` of a :class:`miopt.packing.PackedBatch` (prefix-tree or packed layout).
+
+    One forward over the packed rows (position ids, and the 4D mask of the prefix-tree layout); each
+    scored token's log-prob is computed once and summed into every sequence that contains it.
+    """
+    inputs = {
+        "input_ids": batch.input_ids,
+        "position_ids": batch.position_ids,
+        "attention_mask": model_attention_mask(model, batch.attention_mask),
+        "use_cache": False,
+    }
+    if chunk_tokens > 0 and _uses_plain_head(model):
+        outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+        hidden = outputs.hidden_states[-1]
+        hidden = hidden.reshape(-1, hidden.shape[-1])[batch.predict_index]
+        head = unwrap(model).get_output_embeddings()
+        token_logps = chunked_token_logps(hidden, batch.targets, head, chunk_tokens)
+    else:
+        logits = model(**inputs).logits
+        logits = logits.reshape(-1, logits.shape[-1])[batch.predict_index]
+        token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.targets[:, None]).squeeze(-1)
+    per_sequence = token_logps[batch.token_node]
+    rows, cols = batch.token_rows, batch.token_cols
+    summed = per_sequence.new_zeros(batch.num_sequences).index_add(0, rows, per_sequence)
+    per_token = per_sequence.new_zeros(batch.num_sequences, batch.sequence_length).index_put(
+        (rows, cols), per_sequence
+    )
+    return SequenceLogps(summed=summed, token_counts=batch.token_counts, per_token=per_token)
 
 
 def full_sequence_logps(model, batch: SequenceBatch) -> SequenceLogps:
@@ -133,8 +172,9 @@ class PairLogps:
     rejected_lengths: Tensor
 
 
-def pair_logps(model, batch: SequenceBatch, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PairLogps:
-    """One forward pass over chosen and rejected rows, split back into ``[B]`` and ``[B, K]``."""
+def pair_logps(model, batch, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PairLogps:
+    """One forward pass over chosen and rejected rows (a padded :class:`SequenceBatch` or a
+    :class:`miopt.packing.PackedBatch`), split back into ``[B]`` and ``[B, K]``."""
     result = sequence_logps(model, batch, chunk_tokens=chunk_tokens)
     chosen, rejected = batch.split_rows(result.summed)
     chosen_lengths, rejected_lengths = batch.split_rows(result.token_counts)

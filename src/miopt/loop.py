@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -99,6 +100,69 @@ def check_loop_options(options: LoopOptions) -> None:
         raise OptionError("--logging-steps must be >= 1")
 
 
+def _distributed_on_cpu() -> bool:
+    """Launched as several processes (``torchrun``, ``accelerate launch --multi_gpu``) on a machine
+    without an accelerator: Accelerate then needs ``cpu=True`` to join them with gloo; without it
+    each process would silently train alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    devices = getattr(torch, "accelerator", None)
+    return not (devices.is_available() if devices is not None else torch.cuda.is_available())
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def make_accelerator(bf16: bool = False):
+    """The run's ``Accelerator`` (DDP, FSDP or DeepSpeed as ``accelerate launch`` configured it),
+    refusing set-ups that Accelerate would silently run as something else."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=_distributed_on_cpu())
+    kind = accelerator.distributed_type
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes != world:
+        raise OptionError(
+            f"launched as {world} processes but Accelerate set up {accelerator.num_processes} "
+            f"({kind.value}); each would train alone"
+        )
+    if _flag("ACCELERATE_USE_FSDP") and kind != DistributedType.FSDP:
+        raise OptionError(
+            f"FSDP was requested but Accelerate runs this as {kind.value}: Accelerate enables FSDP only "
+            "on GPUs (and other accelerators), not on CPU; use the DDP config there (docs/distributed.md)"
+        )
+    if _flag("ACCELERATE_USE_DEEPSPEED") and kind != DistributedType.DEEPSPEED:
+        raise OptionError(f"DeepSpeed was requested but Accelerate runs this as {kind.value} (it needs GPUs)")
+    return accelerator
+
+
+def shards_parameters(accelerator) -> bool:
+    """Whether parameters live sharded outside the forward pass (FSDP, DeepSpeed ZeRO-3): then the
+    output head cannot be called on its own and the full state dict must be gathered to save."""
+    from accelerate.utils import DistributedType
+
+    kind = getattr(accelerator, "distributed_type", DistributedType.NO)
+    if kind == DistributedType.FSDP:
+        return True
+    if kind == DistributedType.DEEPSPEED:
+        return getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+    return False
+
+
+def _configure_deepspeed(accelerator, options: LoopOptions) -> None:
+    """miopt's flags are the truth for batch size, accumulation and clipping: written into the
+    DeepSpeed config (there is no DataLoader from which Accelerate could fill in 'auto')."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = options.batch_size
+    config["gradient_accumulation_steps"] = options.gradient_accumulation_steps
+    config["train_batch_size"] = (
+        options.batch_size * options.gradient_accumulation_steps * accelerator.num_processes
+    )
+    config["gradient_clipping"] = max(options.max_grad_norm, 0.0)
+
+
 def _epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_examples, generator=generator).tolist()
@@ -164,13 +228,13 @@ def run_loop(
     ``stateful`` objects (``state_dict``/``load_state_dict``) are saved in checkpoints and restored
     on resume, next to the model, optimizer, scheduler and RNG states.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     output_dir = Path(options.output_dir)
-    accelerator = accelerator or Accelerator(mixed_precision="bf16" if options.bf16 else "no")
+    accelerator = accelerator or make_accelerator(options.bf16)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     set_seed(options.seed)
     world = accelerator.num_processes
     global_batch = options.batch_size * world
@@ -199,6 +263,8 @@ def run_loop(
         num_warmup_steps=int(options.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
+    if deepspeed:
+        _configure_deepspeed(accelerator, options)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler is stepped once per optimizer step by us (Accelerate's wrapper would step it
     # once per process), and saved with the checkpoint.
@@ -245,10 +311,13 @@ def run_loop(
         for micro in range(accumulation):
             indices = next(batches)
             sync = micro == accumulation - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
+            if deepspeed:
+                # The engine accumulates (dividing by its own count) and steps when told it is the last.
+                accelerator.gradient_state._set_sync_gradients(sync)
+            with nullcontext() if sync or deepspeed else accelerator.no_sync(model):
                 with accelerator.autocast():
                     loss, metrics = step_fn(model, indices)
-                accelerator.backward(loss / accumulation)
+                accelerator.backward(loss if deepspeed else loss / accumulation)
             step_metrics.append({"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}})
             window_examples += len(indices) * world
         grad_norm = None

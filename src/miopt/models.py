@@ -43,9 +43,33 @@ def load_tokenizer(path_or_id: str):
     return tokenizer
 
 
-def load_model(path_or_id: str, tokenizer=None, *, dtype: str | None = None, seed: int = 0):
-    """``AutoModelForCausalLM.from_pretrained(path_or_id)``, or the built-in model for ``builtin``."""
+def check_4bit_available() -> None:
+    """4-bit loading needs bitsandbytes and a CUDA GPU; say which is missing."""
+    import importlib.util
+
+    import torch
+
+    missing = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the bitsandbytes package is not installed")
+    if not torch.cuda.is_available():
+        missing.append("no CUDA GPU is available")
+    if missing:
+        raise OptionError(f"--load-in-4bit needs bitsandbytes and a CUDA GPU: {'; '.join(missing)}")
+
+
+def load_model(
+    path_or_id: str, tokenizer=None, *, dtype: str | None = None, seed: int = 0, load_in_4bit: bool = False
+):
+    """``AutoModelForCausalLM.from_pretrained(path_or_id)``, or the built-in model for ``builtin``.
+
+    ``load_in_4bit``: NF4 weights (bitsandbytes, QLoRA's recipe) computed in ``dtype`` (default
+    bfloat16), placed whole on this process's GPU."""
     _check_exists(path_or_id)
+    if load_in_4bit:
+        check_4bit_available()
+        if path_or_id == BUILTIN:
+            raise OptionError("--load-in-4bit needs a saved model folder or hub id, not 'builtin'")
     if path_or_id == BUILTIN:
         from miopt.builtin import build_model, build_tokenizer
 
@@ -54,6 +78,18 @@ def load_model(path_or_id: str, tokenizer=None, *, dtype: str | None = None, see
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+    if load_in_4bit:
+        import os
+
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, dtype or "bfloat16"),
+        )
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
         return AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
     except OSError as error:

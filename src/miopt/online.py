@@ -194,7 +194,9 @@ def check_online_options(options: OnlineOptions) -> None:
     if options.eval_limit < 0 or options.eval_every < 0 or options.keep_rounds < 0:
         raise OptionError("--eval-limit, --eval-every and --keep-rounds must be >= 0")
     if options.ref_model:
-        raise OptionError("--ref-model does not apply to online training; choose --reference-mode start|previous")
+        raise OptionError(
+            "--ref-model does not apply to online training; choose --reference-mode start|previous"
+        )
     if options.lora_r and not options.merge_lora:
         raise OptionError(
             "--lora-r in online training needs --merge-lora (each round starts from a full model)"
@@ -663,16 +665,16 @@ def run_round(
         temporary / PAIRS_FILE, "".join(json.dumps(dataclasses.asdict(pair)) + "\n" for pair in pairs)
     )
 
-    if pairs:
-        examples, report = tokenize_examples(
-            [pair.prompt for pair in pairs],
-            [(pair.chosen, *pair.rejected) for pair in pairs],
-            [pair.source for pair in pairs],
-            tokenizer,
-            max_length=options.max_length,
-            max_prompt_length=options.max_prompt_length,
-            skip_invalid=options.skip_invalid,
-        )
+    examples, report = tokenize_examples(
+        [pair.prompt for pair in pairs],
+        [(pair.chosen, *pair.rejected) for pair in pairs],
+        [pair.source for pair in pairs],
+        tokenizer,
+        max_length=options.max_length,
+        max_prompt_length=options.max_prompt_length,
+        skip_invalid=options.skip_invalid,
+    )
+    if examples:
         train_options = _round_train_options(options, temporary, policy, reference, index)
         summary = train_on_examples(
             train_options,

@@ -52,8 +52,13 @@ def compute_reference_logps(
     chunk_tokens: int = 1024,
     autocast: Callable | None = None,
     progress: bool = True,
+    accelerator=None,
 ) -> ReferenceLogps:
-    """Summed response log-probs of every example under ``model`` (eval mode, no gradients)."""
+    """Summed response log-probs of every example under ``model`` (eval mode, no gradients).
+
+    With an ``accelerator`` of several processes, each computes a contiguous share of the examples
+    and the shares are gathered, so every process returns the whole result.
+    """
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -62,9 +67,12 @@ def compute_reference_logps(
     width = max(len(e.rejected_ids) for e in examples)
     chosen = torch.zeros(len(examples))
     rejected = torch.zeros(len(examples), width)
-    starts = range(0, len(examples), batch_size)
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    first, last = len(examples) * rank // world, len(examples) * (rank + 1) // world
+    starts = range(first, last, batch_size)
     for start in tqdm(starts, desc="reference log-probs", disable=not progress, leave=False):
-        batch = collate(examples[start : start + batch_size], pad_token_id).to(device)
+        batch = collate(examples[start : min(start + batch_size, last)], pad_token_id).to(device)
         context = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
         with context:
             result = pair_logps(model, batch, chunk_tokens=chunk_tokens)
@@ -72,18 +80,43 @@ def compute_reference_logps(
         chosen[start:stop] = result.chosen.float().cpu()
         rejected[start:stop, : result.rejected.shape[1]] = result.rejected.float().cpu()
     model.train(was_training)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        shares = gather_object([(first, last, chosen[first:last], rejected[first:last])])
+        for share_first, share_last, share_chosen, share_rejected in shares:
+            chosen[share_first:share_last] = share_chosen
+            rejected[share_first:share_last] = share_rejected
     return ReferenceLogps(chosen, rejected)
 
 
-def load_or_compute(path: Path, compute: Callable[[], ReferenceLogps]) -> tuple[ReferenceLogps, bool]:
-    """Read the cached file at ``path``, or compute and write it atomically. Returns (logps, was_cached)."""
+def load_or_compute(
+    path: Path, compute: Callable[[], ReferenceLogps], accelerator=None
+) -> tuple[ReferenceLogps, bool]:
+    """Read the cached file at ``path``, or compute and write it atomically. Returns (logps, was_cached).
+
+    With several processes the main one decides (its file system holds the cache), reads or writes
+    the file, and hands a cached result to the others; ``compute`` is called on every process
+    (it shares the work out and gathers it).
+    """
     from safetensors.torch import load, save
 
-    if path.is_file():
-        tensors = load(path.read_bytes())
+    distributed = accelerator is not None and accelerator.num_processes > 1
+    main = not distributed or accelerator.is_main_process
+    tensors = load(path.read_bytes()) if main and path.is_file() else None
+    if distributed:
+        from accelerate.utils import broadcast_object_list
+
+        holder = [tensors]
+        broadcast_object_list(holder)
+        tensors = holder[0]
+    if tensors is not None:
         return ReferenceLogps(tensors["chosen"], tensors["rejected"]), True
     logps = compute()
-    atomic_write_bytes(
-        path, save({"chosen": logps.chosen.contiguous(), "rejected": logps.rejected.contiguous()})
-    )
+    if main:
+        atomic_write_bytes(
+            path, save({"chosen": logps.chosen.contiguous(), "rejected": logps.rejected.contiguous()})
+        )
+    if distributed:
+        accelerator.wait_for_everyone()
     return logps, False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -22,10 +23,11 @@ import torch
 from miopt import objectives
 from miopt.checkpoint import atomic_directory, atomic_write_json, move_files_into
 from miopt.config import option
-from miopt.data.tokenize import TokenizedExample, collate, fingerprint, tokenize_preferences
+from miopt.data.tokenize import TokenizedExample, fingerprint, tokenize_preferences
 from miopt.errors import OptionError
 from miopt.logprobs import DEFAULT_CHUNK_TOKENS, pair_logps, unwrap
-from miopt.loop import LoopOptions, check_loop_options, run_loop
+from miopt.loop import LoopOptions, check_loop_options, make_accelerator, run_loop, shards_parameters
+from miopt.packing import PACKINGS, make_batch, resolve_packing
 from miopt.plots import plot_training_curves
 from miopt.reference import (
     ReferenceLogps,
@@ -74,11 +76,14 @@ class TrainOptions(ModelOptions, LoopOptions):
     negatives: str | None = option(
         None,
         "Negative distribution of dv/js/nwj: 'marginal' (chosen and rejected, the "
-        "paper's) or 'rejected' (rejected only). Default: the objective's.",
+        "paper's) or 'rejected' (rejected only); None = the objective's own default.",
     )
     label_smoothing: float | None = option(None, "Label-noise rate of 'robust' (Chowdhury et al. 2024).")
     simpo_gamma: float | None = option(None, "Target margin gamma of 'simpo' (Meng et al. 2024).")
     sft_weight: float = option(0.0, "Add weight x chosen NLL per token to the loss (RPO, Pang et al. 2024).")
+    load_in_4bit: bool = option(
+        False, "Load the frozen LoRA base in 4-bit NF4 (QLoRA); needs bitsandbytes and a CUDA GPU."
+    )
     ref_model: str | None = option(
         None, "Reference model; default: the starting policy (or, with LoRA, the base)."
     )
@@ -93,6 +98,12 @@ class TrainOptions(ModelOptions, LoopOptions):
     )
     logprob_chunk: int = option(
         DEFAULT_CHUNK_TOKENS, "Response tokens per log-softmax chunk; 0 = full logits."
+    )
+    packing: str = option(
+        "shared-prompt",
+        "Batch layout: 'shared-prompt' (prompt computed once for all responses, no padding), "
+        "'packed' (no padding), 'padded' (plain; the reference). See miopt.packing.",
+        choices=list(PACKINGS),
     )
     chosen_decline_warning: float = option(
         5.0, "Warn when the mean chosen log-prob falls this many nats below the reference (0 disables)."
@@ -130,6 +141,19 @@ def check_train_options(options: TrainOptions) -> None:
         raise OptionError("--max-length must be >= 2")
     if options.merge_lora and not options.lora_r:
         raise OptionError("--merge-lora needs --lora-r > 0")
+    if options.load_in_4bit:
+        from miopt.models import check_4bit_available
+
+        if not options.lora_r:
+            raise OptionError(
+                "--load-in-4bit needs --lora-r > 0 (a 4-bit base is frozen; only adapters train)"
+            )
+        if options.merge_lora:
+            raise OptionError(
+                "--merge-lora with --load-in-4bit would merge into quantised weights; save the adapter and "
+                "merge it into the full-precision base afterwards (docs/distributed.md)"
+            )
+        check_4bit_available()
 
 
 class ChosenDeclineMonitor:
@@ -169,6 +193,7 @@ def make_step_function(
     chunk_tokens: int,
     reference_model=None,
     objective_kwargs: dict[str, Any] | None = None,
+    packing: str = "shared-prompt",
 ):
     """The training step: one forward over chosen and rejected rows, reference log-probs from the
     cache (or a reference forward), the objective, and the metrics under TRL's names."""
@@ -178,7 +203,7 @@ def make_step_function(
     def step(model, indices: Sequence[int]):
         examples = [data.examples[i] for i in indices]
         device = next(unwrap(model).parameters()).device
-        batch = collate(examples, pad_token_id).to(device)
+        batch = make_batch(examples, pad_token_id, resolve_packing(model, packing)).to(device)
         policy = pair_logps(model, batch, chunk_tokens=chunk_tokens)
         ref_chosen = ref_rejected = None
         if not reference_free:
@@ -226,7 +251,10 @@ def on_the_fly_reference(model, reference_model, batch, chunk_tokens: int):
 
 def apply_lora(model, options: ModelOptions):
     """Wrap ``model`` with LoRA adapters (peft); the frozen base serves as the reference."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
     config = LoraConfig(
         r=options.lora_r,
@@ -238,13 +266,20 @@ def apply_lora(model, options: ModelOptions):
     return get_peft_model(model, config)
 
 
-def save_model(model, tokenizer, output_dir: str | Path, *, merge_lora: bool = False) -> None:
-    """``save_pretrained`` of model and tokenizer into ``output_dir``, each file replaced atomically."""
+def save_model(
+    model, tokenizer, output_dir: str | Path, *, merge_lora: bool = False, state_dict=None
+) -> None:
+    """``save_pretrained`` of model and tokenizer into ``output_dir``, each file replaced atomically.
+
+    ``state_dict``: the full weights gathered from a sharded model (FSDP, ZeRO-3)."""
     model = unwrap(model)
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     temporary = atomic_directory(Path(output_dir) / "final-model")
-    model.save_pretrained(temporary)
+    if state_dict is not None:
+        model.save_pretrained(temporary, state_dict=state_dict)
+    else:
+        model.save_pretrained(temporary)
     tokenizer.save_pretrained(temporary)
     move_files_into(temporary, Path(output_dir))
 
@@ -256,14 +291,15 @@ def reference_logps(
     from miopt.models import load_model, model_fingerprint
 
     source = options.ref_model or options.model
-    key = cache_key(
-        model_fingerprint(source, seed=options.seed), fingerprint(examples), options.dtype, options.bf16
-    )
-    path = Path(options.cache_dir or default_cache_dir()) / "reference" / f"{key}.safetensors"
+    parts = [model_fingerprint(source, seed=options.seed), fingerprint(examples), options.dtype, options.bf16]
+    if options.load_in_4bit and not options.ref_model:
+        parts.append("nf4")
+    path = Path(options.cache_dir or default_cache_dir()) / "reference" / f"{cache_key(*parts)}.safetensors"
 
     def compute() -> ReferenceLogps:
         model = load_model(options.ref_model, dtype=options.dtype) if options.ref_model else policy
-        model.to(accelerator.device)
+        if not getattr(model, "is_loaded_in_4bit", False):  # a quantised model is placed at load
+            model.to(accelerator.device)
         return compute_reference_logps(
             model,
             examples,
@@ -271,16 +307,20 @@ def reference_logps(
             batch_size=max(options.batch_size, 8),
             chunk_tokens=options.logprob_chunk,
             autocast=accelerator.autocast,
-            progress=options.progress,
+            progress=options.progress and accelerator.is_main_process,
+            accelerator=accelerator,
         )
 
-    return load_or_compute(path, compute)
+    return load_or_compute(path, compute, accelerator)
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a ``torchrun`` / ``accelerate launch`` job (before the Accelerator exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def train(options: TrainOptions) -> dict[str, Any]:
     """Run ``miopt train`` on files: validate everything, then train and save. Returns the summary."""
-    from accelerate import Accelerator
-
     from miopt.data import load_preference_records
     from miopt.models import load_model, load_tokenizer
 
@@ -289,7 +329,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
         raise OptionError("--model is required with --data (a model folder, hub id, or 'builtin')")
     if not options.data:
         raise OptionError("--data is required with --model")
-    if options.resume is None and Path(options.output_dir, "summary.json").exists():
+    main = _is_main_process()
+    if main and options.resume is None and Path(options.output_dir, "summary.json").exists():
         print(f"note: {options.output_dir} holds a finished run; its files will be replaced", file=sys.stderr)
     tokenizer = load_tokenizer(options.model)
     records, load_report = load_preference_records(options.data, tokenizer, skip_invalid=options.skip_invalid)
@@ -302,13 +343,18 @@ def train(options: TrainOptions) -> dict[str, Any]:
     )
     if not examples:
         raise OptionError(f"{options.data}: no usable records left")
-    print(
-        f"data: {load_report.kept} records from {options.data} ({load_report.skipped} skipped); "
-        f"{token_report.describe()}",
-        file=sys.stderr,
+    if main:
+        print(
+            f"data: {load_report.kept} records from {options.data} ({load_report.skipped} skipped); "
+            f"{token_report.describe()}",
+            file=sys.stderr,
+        )
+    model = load_model(
+        options.model, tokenizer, dtype=options.dtype, seed=options.seed, load_in_4bit=options.load_in_4bit
     )
-    model = load_model(options.model, tokenizer, dtype=options.dtype, seed=options.seed)
-    accelerator = Accelerator(mixed_precision="bf16" if options.bf16 else "no")
+    # Created after the model is loaded: with DeepSpeed ZeRO-3 an earlier Accelerator would make
+    # from_pretrained partition the weights, and the reference pass needs them whole.
+    accelerator = make_accelerator(options.bf16)
     return train_on_examples(
         options,
         model,
@@ -333,10 +379,25 @@ def train_on_examples(
     extra_summary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train an already-loaded model on tokenised examples and save everything into ``output_dir``."""
-    from accelerate import Accelerator
-
     check_train_options(options)
-    accelerator = accelerator or Accelerator(mixed_precision="bf16" if options.bf16 else "no")
+    accelerator = accelerator or make_accelerator(options.bf16)
+    main = accelerator.is_main_process
+    sharded = shards_parameters(accelerator)
+    if sharded and options.merge_lora:
+        raise OptionError(
+            f"--merge-lora is not supported with {accelerator.distributed_type.value} (sharded weights); "
+            "save the adapter and merge it afterwards (docs/distributed.md)"
+        )
+    chunk_tokens = options.logprob_chunk
+    if sharded and chunk_tokens > 0:
+        # The chunked path calls the output head outside the wrapped forward, where its weight is
+        # sharded: take the full-logits path through the wrapped forward instead.
+        chunk_tokens = 0
+        if main:
+            print(
+                f"note: {accelerator.distributed_type.value} shards weights: full-logits log-probs",
+                file=sys.stderr,
+            )
     objective = objectives.get(options.objective, sft_weight=options.sft_weight)
     started = time.perf_counter()
     reference, cached = None, False
@@ -344,9 +405,11 @@ def train_on_examples(
     needs_reference = not objectives.is_reference_free(objective)
     if needs_reference and options.reference == "precompute":
         reference, cached = reference_logps(options, model, examples, tokenizer.pad_token_id, accelerator)
-        print(
-            f"reference log-probs: {'read from cache' if cached else 'computed and cached'}", file=sys.stderr
-        )
+        if main:
+            print(
+                f"reference log-probs: {'read from cache' if cached else 'computed and cached'}",
+                file=sys.stderr,
+            )
     if options.lora_r:
         model = apply_lora(model, options)
     elif needs_reference and options.reference == "on-the-fly":
@@ -362,9 +425,10 @@ def train_on_examples(
         PreferenceData(examples, reference),
         beta=options.beta,
         pad_token_id=tokenizer.pad_token_id,
-        chunk_tokens=options.logprob_chunk,
+        chunk_tokens=chunk_tokens,
         reference_model=reference_model,
         objective_kwargs=objective_options(options),
+        packing=options.packing,
     )
     monitor = ChosenDeclineMonitor(options.chosen_decline_warning)
     stateful = {"objective": objective} if hasattr(objective, "state_dict") else {}
@@ -374,13 +438,15 @@ def train_on_examples(
         num_examples=len(examples),
         step_fn=step,
         stateful=stateful,
-        on_log=monitor,
+        on_log=monitor if main else None,
         accelerator=accelerator,
     )
+    # Sharded weights are gathered by every process (a collective) into a full state dict on the main one.
+    state_dict = accelerator.get_state_dict(model) if sharded else None
     summary: dict[str, Any] = {}
-    if accelerator.is_main_process:
+    if main:
         output_dir = Path(options.output_dir)
-        save_model(model, tokenizer, output_dir, merge_lora=options.merge_lora)
+        save_model(model, tokenizer, output_dir, merge_lora=options.merge_lora, state_dict=state_dict)
         plot_training_curves(
             result.history, output_dir / "curves.png", title=f"{options.objective}, beta={options.beta}"
         )

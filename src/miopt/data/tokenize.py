@@ -139,8 +139,34 @@ def fingerprint(examples: Sequence[TokenizedExample]) -> str:
     return digest.hexdigest()
 
 
+class PairRows:
+    """Rows ``0..B-1`` are the chosen responses of the ``B`` prompts, the rest the rejected ones, with
+    ``rejected_index`` ``[R, 2]`` the ``(prompt, k)`` slot of each in ``[B, K]`` (``rejected_shape``)."""
+
+    num_prompts: int
+    rejected_index: Tensor
+    rejected_shape: tuple[int, int]
+
+    @property
+    def rejected_mask(self) -> Tensor:
+        mask = torch.zeros(self.rejected_shape, dtype=torch.bool, device=self.rejected_index.device)
+        if len(self.rejected_index):
+            mask[self.rejected_index[:, 0], self.rejected_index[:, 1]] = True
+        return mask
+
+    def split_rows(self, per_row: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-row values ``[N]`` to chosen ``[B]`` and rejected ``[B, K]`` (zeros where masked)."""
+        chosen = per_row[: self.num_prompts]
+        rejected = per_row.new_zeros(self.rejected_shape)
+        if len(self.rejected_index):
+            rejected = rejected.index_put(
+                (self.rejected_index[:, 0], self.rejected_index[:, 1]), per_row[self.num_prompts :]
+            )
+        return chosen, rejected
+
+
 @dataclass
-class SequenceBatch:
+class SequenceBatch(PairRows):
     """Sequences ``prompt + response`` of one batch, right-padded, chosen first.
 
     Row ``i < B`` is prompt ``i``'s chosen response; the remaining rows are the rejected
@@ -166,23 +192,6 @@ class SequenceBatch:
             self.rejected_shape,
             self.prompt_lengths.to(device),
         )
-
-    @property
-    def rejected_mask(self) -> Tensor:
-        mask = torch.zeros(self.rejected_shape, dtype=torch.bool, device=self.input_ids.device)
-        if len(self.rejected_index):
-            mask[self.rejected_index[:, 0], self.rejected_index[:, 1]] = True
-        return mask
-
-    def split_rows(self, per_row: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-row values ``[N]`` to chosen ``[B]`` and rejected ``[B, K]`` (zeros where masked)."""
-        chosen = per_row[: self.num_prompts]
-        rejected = per_row.new_zeros(self.rejected_shape)
-        if len(self.rejected_index):
-            rejected = rejected.index_put(
-                (self.rejected_index[:, 0], self.rejected_index[:, 1]), per_row[self.num_prompts :]
-            )
-        return chosen, rejected
 
 
 def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> SequenceBatch:

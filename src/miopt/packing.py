@@ -1,0 +1,298 @@
+"""Padding-free batches with the prompt computed once for all responses.
+
+The padded batch of :func:`miopt.data.tokenize.collate` repeats the prompt in every row (chosen and each
+rejected) and pads every row to the longest; the forward pass spends most of its time on those copies and
+that padding. The layouts here remove both, with log-probs equal to the padded ones (same maths, other
+floating-point summation order):
+
+``"shared-prompt"``
+    Each example (prompt, chosen, K rejected) becomes one *prefix tree* of tokens: the prompt once, then
+    each response as a branch (tokens that several responses share at their start, e.g. the beginning of a
+    worked solution, are one branch too). A token attends to exactly its ancestors in the tree (a 4D
+    block attention mask) and its position id is its depth, so each response sees the context it would see
+    in its own padded row. Trees are packed into rows (first-fit decreasing, row width = the largest tree),
+    so almost nothing is padding. Needs an attention implementation that takes a custom 4D mask
+    (``sdpa``, ``eager``).
+``"packed"``
+    Every sequence (prompt + response, the prompt repeated) back to back in rows, position ids restarting
+    at 0 for each; no mask is passed and the model derives the block-diagonal causal mask from the position
+    ids (varlen kernels under flash attention). The fallback for attention implementations that take no
+    custom mask.
+``"padded"``
+    The plain right-padded batch (the reference the fast paths are tested against).
+
+Every index the log-prob gather needs is built on the host here, so the step issues no device-to-host
+synchronisation of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from miopt.data.tokenize import PairRows, SequenceBatch, TokenizedExample, collate
+
+PACKINGS = ("shared-prompt", "packed", "padded")
+# Attention implementations that accept a custom 4D mask (the prefix-tree layout needs one).
+MASK_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass
+class PackedBatch(PairRows):
+    """Sequences (``N`` rows of the padded layout: chosen first, then rejected) laid out without padding.
+
+    ``input_ids``/``position_ids`` ``[R, C]``; ``attention_mask`` ``[R, 1, C, C]`` (True = may attend) for
+    the prefix-tree layout, None for plain packing. Log-prob bookkeeping: ``predict_index`` ``[U]`` is the
+    flat position (``row * C + col``) of the hidden state that predicts scored token ``u``, ``targets``
+    ``[U]`` its id; each response token ``t`` of each sequence is scored token ``token_node[t]``, at row
+    ``token_rows[t]`` and column ``token_cols[t]`` of the padded layout (one scored token can serve
+    several sequences: a shared response prefix is scored once).
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    attention_mask: Tensor | None
+    predict_index: Tensor
+    targets: Tensor
+    token_rows: Tensor
+    token_cols: Tensor
+    token_node: Tensor
+    token_counts: Tensor  # [N] response tokens per sequence
+    num_sequences: int
+    sequence_length: int  # longest prompt + response (the width of the padded layout)
+    num_prompts: int
+    rejected_index: Tensor
+    rejected_shape: tuple[int, int]
+    layout: str
+
+    def to(self, device) -> PackedBatch:
+        moved = {
+            name: value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
+            for name, value in self.__dict__.items()
+        }
+        return PackedBatch(**moved)
+
+    @property
+    def computed_tokens(self) -> int:
+        """Positions the forward pass runs on (padding included)."""
+        return self.input_ids.numel()
+
+
+def _sequences(
+    examples: Sequence[TokenizedExample],
+) -> tuple[list[list[tuple[int, ...]]], list[tuple[int, int]]]:
+    """Per example, its responses in row order (chosen, then rejected); and ``(prompt, k)`` of each rejected."""
+    groups = [[e.chosen_ids, *e.rejected_ids] for e in examples]
+    rejected_index = [(b, k) for b, e in enumerate(examples) for k in range(len(e.rejected_ids))]
+    return groups, rejected_index
+
+
+def _sequence_rows(examples: Sequence[TokenizedExample]) -> list[list[int]]:
+    """Row of each response of each example in the padded layout (chosen ``b``, rejected after all chosen)."""
+    rows, next_rejected = [], len(examples)
+    for b, example in enumerate(examples):
+        ids = [b]
+        for _ in example.rejected_ids:
+            ids.append(next_rejected)
+            next_rejected += 1
+        rows.append(ids)
+    return rows
+
+
+@dataclass
+class _Tree:
+    """One example as a token tree: ``tokens``/``parents``/``depths`` per node (ancestors first),
+    ``paths`` the node list of each sequence."""
+
+    tokens: list[int]
+    parents: list[int]
+    depths: list[int]
+    paths: list[list[int]]
+    prompt_length: int
+
+
+def _build_tree(prompt: tuple[int, ...], responses: Sequence[tuple[int, ...]], share: bool) -> _Tree:
+    tokens: list[int] = []
+    parents: list[int] = []
+    depths: list[int] = []
+    paths: list[list[int]] = []
+    children: dict[tuple[int, int], int] = {}
+    for response in responses:
+        path: list[int] = []
+        parent = -1
+        for depth, token in enumerate((*prompt, *response)):
+            node = children.get((parent, token)) if share else None
+            if node is None:
+                node = len(tokens)
+                tokens.append(token)
+                parents.append(parent)
+                depths.append(depth)
+                if share:
+                    children[(parent, token)] = node
+            path.append(node)
+            parent = node
+        paths.append(path)
+    return _Tree(tokens, parents, depths, paths, len(prompt))
+
+
+def _first_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Bins (lists of item indices) of total size <= capacity; items larger than capacity get their own bin."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for item in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        for b, free in enumerate(room):
+            if sizes[item] <= free:
+                bins[b].append(item)
+                room[b] -= sizes[item]
+                break
+        else:
+            bins.append([item])
+            room.append(capacity - sizes[item])
+    return bins
+
+
+def collate_packed(
+    examples: Sequence[TokenizedExample],
+    pad_token_id: int,
+    *,
+    share_prompt: bool = True,
+    row_length: int | None = None,
+) -> PackedBatch:
+    """The padding-free batch of ``examples`` (see the module docstring).
+
+    ``share_prompt``: the prefix-tree layout with its 4D mask (else plain packing, prompts repeated).
+    ``row_length``: capacity of a row in tokens (default: the largest unit, a tree or a sequence; a
+    larger value packs more per row but costs attention over the masked-out blocks).
+    """
+    groups, rejected_index = _sequences(examples)
+    sequence_rows = _sequence_rows(examples)
+    num_sequences = sum(len(g) for g in groups)
+    # Units packed into rows: one tree per example, or one per sequence without sharing.
+    trees: list[_Tree] = []
+    unit_rows: list[list[int]] = []  # padded-layout row of each path of a unit
+    for example, responses, rows in zip(examples, groups, sequence_rows):
+        if share_prompt:
+            trees.append(_build_tree(example.prompt_ids, responses, share=True))
+            unit_rows.append(rows)
+        else:
+            for response, row in zip(responses, rows):
+                trees.append(_build_tree(example.prompt_ids, [response], share=False))
+                unit_rows.append([row])
+    sizes = [len(t.tokens) for t in trees]
+    capacity = max(max(sizes, default=1), row_length or 0)
+    bins = _first_fit_decreasing(sizes, capacity)
+    width = max(sum(sizes[i] for i in b) for b in bins) if bins else 1
+
+    num_rows = len(bins)
+    input_ids = np.full((num_rows, width), pad_token_id, dtype=np.int64)
+    position_ids = np.zeros((num_rows, width), dtype=np.int64)
+    mask = np.zeros((num_rows, width, width), dtype=bool) if share_prompt else None
+    predict_index: list[int] = []
+    targets: list[int] = []
+    token_rows: list[int] = []
+    token_cols: list[int] = []
+    token_node: list[int] = []
+    token_counts = np.zeros(num_sequences, dtype=np.int64)
+    sequence_length = 0
+    for row, members in enumerate(bins):
+        offset = 0
+        for unit in members:
+            tree, n = trees[unit], sizes[unit]
+            input_ids[row, offset : offset + n] = tree.tokens
+            position_ids[row, offset : offset + n] = tree.depths
+            scored: dict[int, int] = {}  # node -> index into predict_index / targets
+            for path, sequence_row in zip(tree.paths, unit_rows[unit]):
+                sequence_length = max(sequence_length, len(path))
+                if mask is not None:
+                    # each node attends to its ancestors and itself: the path's lower triangle
+                    nodes = np.asarray(path) + offset
+                    lower = np.tril(np.ones((len(path), len(path)), dtype=bool))
+                    block = mask[row][np.ix_(nodes, nodes)]
+                    mask[row][np.ix_(nodes, nodes)] = block | lower
+                start = max(tree.prompt_length, 1)
+                for depth in range(start, len(path)):
+                    node = path[depth]
+                    u = scored.get(node)
+                    if u is None:
+                        u = len(targets)
+                        scored[node] = u
+                        predict_index.append(row * width + offset + path[depth - 1])
+                        targets.append(tree.tokens[node])
+                    token_rows.append(sequence_row)
+                    token_cols.append(depth)
+                    token_node.append(u)
+                token_counts[sequence_row] = len(path) - start
+            offset += n
+        if offset < width:
+            # padding: positions continue (a harmless sequence of its own); each pad token sees itself only
+            position_ids[row, offset:] = np.arange(width - offset)
+            if mask is not None:
+                pad = np.arange(offset, width)
+                mask[row, pad, pad] = True
+
+    def long(values) -> Tensor:
+        return torch.as_tensor(np.asarray(values, dtype=np.int64))
+
+    return PackedBatch(
+        input_ids=torch.from_numpy(input_ids),
+        position_ids=torch.from_numpy(position_ids),
+        attention_mask=torch.from_numpy(mask).unsqueeze(1) if mask is not None else None,
+        predict_index=long(predict_index),
+        targets=long(targets),
+        token_rows=long(token_rows),
+        token_cols=long(token_cols),
+        token_node=long(token_node),
+        token_counts=torch.from_numpy(token_counts),
+        num_sequences=num_sequences,
+        sequence_length=sequence_length,
+        num_prompts=len(examples),
+        rejected_index=long(rejected_index).reshape(-1, 2),
+        rejected_shape=(len(examples), max((len(e.rejected_ids) for e in examples), default=0)),
+        layout="shared-prompt" if share_prompt else "packed",
+    )
+
+
+def attention_implementation(model) -> str | None:
+    from miopt.logprobs import unwrap
+
+    config = getattr(unwrap(model), "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+def resolve_packing(model, packing: str) -> str:
+    """The layout to use for ``model``: the prefix-tree layout needs a 4D-mask attention implementation;
+    otherwise plain packing (position ids only; flash attention runs it as variable-length batches)."""
+    if packing not in PACKINGS:
+        raise ValueError(f"unknown packing {packing!r}; valid: {', '.join(PACKINGS)}")
+    if packing == "shared-prompt" and attention_implementation(model) not in MASK_ATTENTION:
+        return "packed"
+    return packing
+
+
+def make_batch(
+    examples: Sequence[TokenizedExample], pad_token_id: int, packing: str
+) -> SequenceBatch | PackedBatch:
+    """The batch of ``examples`` in layout ``packing`` (an already resolved one: see :func:`resolve_packing`)."""
+    if packing == "padded":
+        return collate(examples, pad_token_id)
+    if packing not in PACKINGS:
+        raise ValueError(f"unknown packing {packing!r}; valid: {', '.join(PACKINGS)}")
+    return collate_packed(examples, pad_token_id, share_prompt=packing == "shared-prompt")
+
+
+def model_attention_mask(model, mask: Tensor | None) -> Tensor | None:
+    """The boolean 4D mask in the form the model's attention takes: bool for sdpa, additive float for eager."""
+    if mask is None or attention_implementation(model) != "eager":
+        return mask
+    from miopt.logprobs import unwrap
+
+    dtype = next(unwrap(model).parameters()).dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, torch.finfo(dtype).min
+    )

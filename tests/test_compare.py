@@ -1,0 +1,93 @@
+"""``miopt compare`` on a tiny budget: table columns with finite numbers, the plots, the SFT control."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from miopt.compare import (
+    COLUMNS,
+    PLOTS,
+    TABLE_JSON,
+    TABLE_MD,
+    ArithPreset,
+    CompareOptions,
+    continued_sft,
+    run_compare,
+)
+from miopt.default_run import DefaultTask
+from miopt.errors import OptionError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_preset() -> ArithPreset:
+    """A few hundred problems, a 10-step SFT start and 3 preference steps."""
+    task = DefaultTask(
+        sft_problems=256,
+        preference_prompts=96,
+        heldout_problems=48,
+        sft_steps=10,
+        sft_batch_size=32,
+        max_new_tokens=24,
+    )
+    return ArithPreset(task=task, seeds=1, logging_steps=1, overrides=(("max_steps", 3), ("batch_size", 8)))
+
+
+def test_compare_writes_table_with_documented_columns_and_plots(tmp_path):
+    output = tmp_path / "compare"
+    # One thread: on a loaded 2-core machine two torch threads are often much slower.
+    options = CompareOptions(
+        output_dir=str(output), objectives=["dpo", "mio"], seeds=1, threads=1, progress=False
+    )
+    table = run_compare(options, preset=tiny_preset())
+
+    rows = json.loads((output / TABLE_JSON).read_text())["rows"]
+    assert [row["objective"] for row in rows] == ["dpo", "mio"]
+    for row in rows:
+        assert row["seeds"] == [0]
+        for key, *_ in COLUMNS:
+            assert math.isfinite(row[key]["mean"]) and math.isfinite(row[key]["std"]), (row["objective"], key)
+    assert table["rows"][0]["final_accuracy"]["mean"] >= 0.0
+    markdown = (output / TABLE_MD).read_text()
+    for _, header, *_ in COLUMNS:
+        assert header in markdown
+    assert "| dpo |" in markdown and "| mio |" in markdown
+    for name in PLOTS.values():
+        assert (output / name).read_bytes()[:8] == PNG
+    for objective in ("dpo", "mio"):
+        run = output / "runs" / f"{objective}-seed0"
+        assert (run / "metrics.jsonl").is_file() and (run / "config.json").is_file()
+    summary = json.loads((output / "runs" / "mio-seed0" / "summary.json").read_text())
+    assert summary["objective"] == "mio" and summary["steps"] == 3
+
+    # A second call reuses the finished runs (same key) instead of training again.
+    before = (output / "runs" / "dpo-seed0" / "metrics.jsonl").stat().st_mtime_ns
+    run_compare(options, preset=tiny_preset())
+    assert (output / "runs" / "dpo-seed0" / "metrics.jsonl").stat().st_mtime_ns == before
+
+
+def test_continued_sft_control_is_the_sft_loss_and_leaves_rejected_without_gradient():
+    chosen = torch.tensor([-10.0, -20.0], requires_grad=True)
+    rejected = torch.tensor([[-12.0], [-18.0]], requires_grad=True)
+    reference = torch.tensor([-11.0, -19.0]), torch.tensor([[-12.0], [-19.0]])
+    lengths = torch.tensor([4, 6])
+    output = continued_sft(chosen, rejected, *reference, beta=0.5, chosen_lengths=lengths)
+    # The batch mean is miopt.sft's loss: -(sum of chosen log-probs) / (chosen tokens in the batch).
+    assert torch.isclose(output.losses.mean(), torch.tensor(30.0 / 10))
+    output.losses.mean().backward()
+    assert torch.allclose(chosen.grad, torch.full((2,), -1.0 / 10))
+    assert rejected.grad is None
+    metrics = output.metrics()
+    assert torch.isclose(metrics["rewards/chosen"], torch.tensor(0.0))  # 0.5 * mean(+1, -1)
+    assert torch.isclose(metrics["rewards/accuracies"], torch.tensor(0.5))
+
+
+def test_compare_rejects_unknown_objectives_before_any_work(tmp_path):
+    options = CompareOptions(output_dir=str(tmp_path / "x"), objectives=["dpo", "nope"])
+    with pytest.raises(OptionError, match="nope"):
+        run_compare(options, preset=tiny_preset())
+    assert not (tmp_path / "x").exists()

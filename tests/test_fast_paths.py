@@ -1,0 +1,240 @@
+"""The fast paths equal the plain padded path: packed and prefix-tree (shared-prompt) layouts, chunked
+log-softmax, with several rejected responses per prompt, on tiny models.
+
+The reference is the padded batch with the model's own full logits and a full float32 log-softmax
+(``chunk_tokens=0``); every fast path must give the same summed and per-token log-probs, the same
+token counts, the same losses and metrics of a real training step, and the same gradient with respect
+to every weight (float32 tolerance: the layouts only change the order of floating-point sums).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miopt import objectives
+from miopt.data.tokenize import collate, tokenize_examples
+from miopt.logprobs import pair_logps, sequence_logps
+from miopt.packing import PACKINGS, PackedBatch, collate_packed, make_batch, resolve_packing
+from miopt.reference import compute_reference_logps
+from miopt.train import PreferenceData, TrainOptions, make_step_function
+
+ATOL, RTOL = 1e-4, 1e-5
+FAST = [("shared-prompt", chunk) for chunk in (0, 3, 1024)] + [("packed", chunk) for chunk in (0, 3, 1024)]
+
+
+def _examples(tokenizer):
+    """Several rejected per prompt (K = 1..3), responses sharing prefixes with each other, a response
+    that is a prefix of another, a duplicated rejected response, an empty prompt, varied lengths."""
+    examples, report = tokenize_examples(
+        ["Q: 1+2=?\n", "Q: 30+4-5=?\n", "Q: 7-1=?\n", "", "Q: 12+34-5=?\n"],
+        [
+            ("1+2=3. A: 3", "1+2=4. A: 4"),
+            ("30+4=34. 34-5=29. A: 29", "x", "30+4=35. A: 30", "30+4=34. 34-5=28. A: 28"),
+            ("6", "A: 5"),
+            ("hello", "hello there", "help"),
+            ("12+34=46. 46-5=41. A: 41", "12+34=47. 47-5=42. A: 42", "12+34=47. 47-5=42. A: 42"),
+        ],
+        ["a", "b", "c", "d", "e"],
+        tokenizer,
+        max_length=64,
+    )
+    assert report.truncated == 0
+    return examples
+
+
+def _model(tokenizer, impl="sdpa"):
+    from miopt.builtin import build_model
+
+    model = build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    model.set_attn_implementation(impl)
+    return model
+
+
+def _grads(model):
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _logps_and_grads(model, batch, chunk, weights):
+    model.zero_grad(set_to_none=True)
+    result = sequence_logps(model, batch, chunk_tokens=chunk)
+    # a loss that weighs every sequence differently, so a mix-up of rows would show in the gradient
+    (result.summed * weights).sum().backward()
+    return result, _grads(model)
+
+
+def _assert_grads_close(actual, expected):
+    assert actual.keys() == expected.keys()
+    for name, grad in expected.items():
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(actual[name], grad, rtol=RTOL, atol=ATOL * max(scale, 1e-3), msg=name)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize(("packing", "chunk"), FAST)
+def test_fast_layouts_give_padded_logps_and_gradients(tokenizer, impl, packing, chunk):
+    examples = _examples(tokenizer)
+    model = _model(tokenizer, impl)
+    padded = collate(examples, tokenizer.pad_token_id)
+    weights = torch.linspace(0.5, 1.5, padded.input_ids.shape[0])
+    expected, expected_grads = _logps_and_grads(model, padded, 0, weights)
+    batch = make_batch(examples, tokenizer.pad_token_id, packing)
+    assert isinstance(batch, PackedBatch) and batch.layout == packing
+    result, grads = _logps_and_grads(model, batch, chunk, weights)
+    torch.testing.assert_close(result.summed, expected.summed, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(result.per_token, expected.per_token, atol=ATOL, rtol=RTOL)
+    assert result.token_counts.tolist() == expected.token_counts.tolist()
+    _assert_grads_close(grads, expected_grads)
+
+
+def test_chunked_padded_path_equals_full_softmax_with_several_rejected(tokenizer):
+    examples = _examples(tokenizer)
+    model = _model(tokenizer)
+    padded = collate(examples, tokenizer.pad_token_id)
+    weights = torch.linspace(1.5, 0.5, padded.input_ids.shape[0])
+    expected, expected_grads = _logps_and_grads(model, padded, 0, weights)
+    for chunk in (1, 7, 1024):
+        result, grads = _logps_and_grads(model, padded, chunk, weights)
+        torch.testing.assert_close(result.summed, expected.summed, atol=ATOL, rtol=RTOL)
+        _assert_grads_close(grads, expected_grads)
+
+
+@pytest.mark.parametrize("row_length", [None, 64, 1000])
+def test_several_trees_per_row_are_independent(tokenizer, row_length):
+    examples = _examples(tokenizer)
+    model = _model(tokenizer)
+    expected = sequence_logps(model, collate(examples, tokenizer.pad_token_id), chunk_tokens=0).summed
+    batch = collate_packed(examples, tokenizer.pad_token_id, row_length=row_length)
+    if row_length == 1000:
+        assert batch.input_ids.shape[0] == 1  # everything in one row, block-diagonal mask
+    torch.testing.assert_close(sequence_logps(model, batch).summed, expected, atol=ATOL, rtol=RTOL)
+
+
+def test_prefix_tree_layout_computes_each_shared_token_once(tokenizer):
+    examples = _examples(tokenizer)
+    padded = collate(examples, tokenizer.pad_token_id)
+    packed = collate_packed(examples, tokenizer.pad_token_id, share_prompt=False)
+    tree = collate_packed(examples, tokenizer.pad_token_id)
+    real_tokens = int(padded.attention_mask.sum())
+    assert int((packed.input_ids != tokenizer.pad_token_id).sum()) == real_tokens
+    # the tree holds each prompt once plus the distinct response branches: fewer tokens than the sequences
+    distinct = sum(
+        len({(*e.prompt_ids, *r[: i + 1]) for r in (e.chosen_ids, *e.rejected_ids) for i in range(len(r))})
+        + len(e.prompt_ids)
+        for e in examples
+    )
+    assert int((tree.position_ids >= 0).sum()) >= distinct
+    assert tree.targets.numel() < int(padded.response_mask[:, 1:].sum())  # shared prefixes scored once
+    assert tree.computed_tokens < packed.computed_tokens < padded.input_ids.numel()
+    # a token attends to its ancestors only: each row of the mask holds (depth + 1) entries
+    mask = tree.attention_mask[:, 0]
+    real = tree.input_ids != tokenizer.pad_token_id
+    counts = mask.sum(-1)
+    assert torch.equal(counts[real], tree.position_ids[real] + 1)
+
+
+def test_packed_layout_matches_with_identical_responses_and_single_token_responses(tokenizer):
+    examples, _ = tokenize_examples(
+        ["Q: 2+2=?\n", "Say: "], [("4", "4", "5"), ("a", "b")], ["x", "y"], tokenizer, max_length=32
+    )
+    model = _model(tokenizer)
+    expected = sequence_logps(model, collate(examples, tokenizer.pad_token_id), chunk_tokens=0).summed
+    for packing in ("shared-prompt", "packed"):
+        got = sequence_logps(model, make_batch(examples, tokenizer.pad_token_id, packing)).summed
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    assert expected[2].item() == pytest.approx(expected[0].item(), abs=1e-6)  # the two identical responses
+
+
+@pytest.mark.parametrize("objective_name", ["dpo", "mio", "nwj", "ipo", "simpo"])
+@pytest.mark.parametrize("packing", ["shared-prompt", "packed"])
+def test_training_step_losses_metrics_and_gradients_equal_padded(tokenizer, objective_name, packing):
+    examples = _examples(tokenizer)
+    pad = tokenizer.pad_token_id
+    reference_model = _model(tokenizer)
+    reference = compute_reference_logps(reference_model, examples, pad, chunk_tokens=0, progress=False)
+    results = {}
+    for layout in ("padded", packing):
+        model = _model(tokenizer)
+        with torch.no_grad():  # a policy away from the reference, so the log-ratios are not all zero
+            generator = torch.Generator().manual_seed(1)
+            for parameter in model.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+        step = make_step_function(
+            objectives.get(objective_name),
+            PreferenceData(examples, reference),
+            beta=0.5,
+            pad_token_id=pad,
+            chunk_tokens=0 if layout == "padded" else 4,
+            packing=layout,
+        )
+        loss, metrics = step(model, list(range(len(examples))))
+        loss.backward()
+        results[layout] = loss, metrics, _grads(model)
+    loss, metrics, grads = results[packing]
+    expected_loss, expected_metrics, expected_grads = results["padded"]
+    torch.testing.assert_close(loss, expected_loss, atol=ATOL, rtol=RTOL)
+    assert metrics.keys() == expected_metrics.keys()
+    for name, value in expected_metrics.items():
+        torch.testing.assert_close(metrics[name], value, atol=ATOL, rtol=RTOL, msg=name)
+    _assert_grads_close(grads, expected_grads)
+
+
+def test_gradient_checkpointing_and_bf16_autocast_run_on_the_prefix_tree_layout(tokenizer):
+    examples = _examples(tokenizer)
+    pad = tokenizer.pad_token_id
+    model = _model(tokenizer)
+    expected = pair_logps(model, collate(examples, pad), chunk_tokens=0)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    got = pair_logps(model, make_batch(examples, pad, "shared-prompt"))
+    torch.testing.assert_close(got.chosen, expected.chosen, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got.rejected, expected.rejected, atol=ATOL, rtol=RTOL)
+    got.chosen.sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = pair_logps(model, make_batch(examples, pad, "shared-prompt"))
+    torch.testing.assert_close(low.chosen.float(), expected.chosen, atol=0.5, rtol=0.05)
+
+
+def test_layout_falls_back_to_plain_packing_without_4d_mask_attention(tokenizer):
+    model = _model(tokenizer)
+    assert resolve_packing(model, "shared-prompt") == "shared-prompt"
+    model.config._attn_implementation = "flash_attention_2"  # takes no custom mask: position ids only
+    assert resolve_packing(model, "shared-prompt") == "packed"
+    assert resolve_packing(model, "padded") == "padded"
+    with pytest.raises(ValueError, match="unknown packing"):
+        resolve_packing(model, "zigzag")
+
+
+def test_train_option_defaults_to_the_prefix_tree_layout():
+    assert TrainOptions().packing == "shared-prompt"
+    assert set(PACKINGS) == {"shared-prompt", "packed", "padded"}
+
+
+def test_end_to_end_training_runs_equal_across_layouts(tokenizer, tmp_path):
+    """Three optimizer steps of ``train_on_examples`` per layout: the same logged losses and metrics."""
+    from miopt.train import train_on_examples
+
+    examples = _examples(tokenizer)
+    histories = {}
+    for packing in PACKINGS:
+        model = _model(tokenizer)
+        options = TrainOptions(
+            output_dir=str(tmp_path / packing),
+            objective="mio",
+            beta=0.5,
+            batch_size=3,
+            max_steps=3,
+            learning_rate=1e-3,
+            logging_steps=1,
+            progress=False,
+            packing=packing,
+            cache_dir=str(tmp_path / "cache"),
+            model="tiny",
+        )
+        summary = train_on_examples(options, model, tokenizer, examples)
+        histories[packing] = summary
+    expected = histories["padded"]["final"]
+    for packing in ("shared-prompt", "packed"):
+        final = histories[packing]["final"]
+        for name in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm"):
+            assert final[name] == pytest.approx(expected[name], abs=1e-4, rel=1e-4), (packing, name)
