@@ -11,8 +11,6 @@ import pytest
 
 from miopt.builtin import build_tokenizer
 from miopt.data import (
-    GSM8K_COMPLETION_TEMPLATE,
-    GSM8K_PROMPT_TEMPLATE,
     PreferenceRecord,
     SFTRecord,
     load_preference_records,
@@ -233,11 +231,8 @@ def test_sft_formats(tmp_path, tokenizer):
         SFTRecord("Q: 1+1=?\n", "A: 2", f"{path}:1"),
         SFTRecord("system: Be brief.\nuser: Capital of France?\nassistant: ", "Paris.\n", f"{path}:2"),
         SFTRecord("user: Capital of France?\nassistant: ", "Paris.\n", f"{path}:3"),
-        SFTRecord("Question: How many?\nAnswer:", " 2+2=4\n#### 4", f"{path}:4"),
+        SFTRecord("Question: How many?\nAnswer:\n", "2+2=4\n#### 4", f"{path}:4"),
     ]
-    assert (
-        GSM8K_PROMPT_TEMPLATE == "Question: {question}\nAnswer:" and GSM8K_COMPLETION_TEMPLATE == " {answer}"
-    )
     assert report.kept == 4
 
 

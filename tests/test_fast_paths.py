@@ -13,14 +13,24 @@ import pytest
 import torch
 
 from miopt import objectives
-from miopt.data.tokenize import collate, tokenize_examples
+from miopt.data.tokenize import SequenceBatch, collate, tokenize_examples
 from miopt.logprobs import pair_logps, sequence_logps
-from miopt.packing import PACKINGS, PackedBatch, collate_packed, make_batch, resolve_packing
+from miopt.packing import PACKINGS, collate_packed, make_batch, resolve_packing
 from miopt.reference import compute_reference_logps
 from miopt.train import PreferenceData, TrainOptions, make_step_function
 
 ATOL, RTOL = 1e-4, 1e-5
-FAST = [("shared-prompt", chunk) for chunk in (0, 3, 1024)] + [("packed", chunk) for chunk in (0, 3, 1024)]
+# (layout, how units are kept apart, attention implementation): every combination the code can take
+LAYOUTS = [
+    ("shared-prompt", "blocks", "sdpa"),
+    ("shared-prompt", "mask", "sdpa"),
+    ("shared-prompt", "mask", "eager"),
+    ("packed", "blocks", "sdpa"),
+    ("packed", "mask", "sdpa"),
+    ("packed", "mask", "eager"),
+    ("packed", "positions", "sdpa"),
+    ("packed", "positions", "eager"),
+]
 
 
 def _examples(tokenizer):
@@ -70,21 +80,44 @@ def _assert_grads_close(actual, expected):
         torch.testing.assert_close(actual[name], grad, rtol=RTOL, atol=ATOL * max(scale, 1e-3), msg=name)
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize(("packing", "chunk"), FAST)
-def test_fast_layouts_give_padded_logps_and_gradients(tokenizer, impl, packing, chunk):
+@pytest.mark.parametrize("chunk", [0, 3, 1024])
+@pytest.mark.parametrize(("packing", "attention", "impl"), LAYOUTS)
+def test_fast_layouts_give_padded_logps_and_gradients(tokenizer, packing, attention, impl, chunk):
     examples = _examples(tokenizer)
     model = _model(tokenizer, impl)
     padded = collate(examples, tokenizer.pad_token_id)
     weights = torch.linspace(0.5, 1.5, padded.input_ids.shape[0])
     expected, expected_grads = _logps_and_grads(model, padded, 0, weights)
-    batch = make_batch(examples, tokenizer.pad_token_id, packing)
-    assert isinstance(batch, PackedBatch) and batch.layout == packing
+    batch = collate_packed(
+        examples, tokenizer.pad_token_id, share_prompt=packing == "shared-prompt", attention=attention
+    )
+    assert batch.layout == packing
     result, grads = _logps_and_grads(model, batch, chunk, weights)
     torch.testing.assert_close(result.summed, expected.summed, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(result.per_token, expected.per_token, atol=ATOL, rtol=RTOL)
     assert result.token_counts.tolist() == expected.token_counts.tolist()
     _assert_grads_close(grads, expected_grads)
+
+
+def test_blocks_ignored_by_the_attention_fail_loudly(tokenizer):
+    examples = _examples(tokenizer)
+    model = _model(tokenizer, "eager")  # eager attention does not run the blocks
+    batch = collate_packed(examples, tokenizer.pad_token_id, attention="blocks")
+    with pytest.raises(RuntimeError, match="ignored miopt's attention blocks"):
+        sequence_logps(model, batch)
+
+
+def test_make_batch_picks_the_form_the_attention_takes(tokenizer):
+    examples = _examples(tokenizer)
+    pad = tokenizer.pad_token_id
+    model = _model(tokenizer, "sdpa")
+    batch = make_batch(examples, pad, "shared-prompt", model)
+    assert batch.attention_blocks is not None and batch.input_ids.shape[0] == 1  # one row, no padding
+    assert batch.computed_tokens == sum(b - a for a, b, _ in batch.attention_blocks)
+    model.set_attn_implementation("eager")
+    batch = make_batch(examples, pad, "shared-prompt", model)
+    assert batch.attention_blocks is None and batch.attention_mask is not None
+    assert isinstance(make_batch(examples, pad, "padded", model), SequenceBatch)
 
 
 def test_chunked_padded_path_equals_full_softmax_with_several_rejected(tokenizer):
@@ -105,6 +138,7 @@ def test_several_trees_per_row_are_independent(tokenizer, row_length):
     model = _model(tokenizer)
     expected = sequence_logps(model, collate(examples, tokenizer.pad_token_id), chunk_tokens=0).summed
     batch = collate_packed(examples, tokenizer.pad_token_id, row_length=row_length)
+    assert batch.attention_mask is not None
     if row_length == 1000:
         assert batch.input_ids.shape[0] == 1  # everything in one row, block-diagonal mask
     torch.testing.assert_close(sequence_logps(model, batch).summed, expected, atol=ATOL, rtol=RTOL)
@@ -140,7 +174,7 @@ def test_packed_layout_matches_with_identical_responses_and_single_token_respons
     model = _model(tokenizer)
     expected = sequence_logps(model, collate(examples, tokenizer.pad_token_id), chunk_tokens=0).summed
     for packing in ("shared-prompt", "packed"):
-        got = sequence_logps(model, make_batch(examples, tokenizer.pad_token_id, packing)).summed
+        got = sequence_logps(model, make_batch(examples, tokenizer.pad_token_id, packing, model)).summed
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
     assert expected[2].item() == pytest.approx(expected[0].item(), abs=1e-6)  # the two identical responses
 
@@ -186,12 +220,12 @@ def test_gradient_checkpointing_and_bf16_autocast_run_on_the_prefix_tree_layout(
     expected = pair_logps(model, collate(examples, pad), chunk_tokens=0)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    got = pair_logps(model, make_batch(examples, pad, "shared-prompt"))
+    got = pair_logps(model, make_batch(examples, pad, "shared-prompt", model))
     torch.testing.assert_close(got.chosen, expected.chosen, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(got.rejected, expected.rejected, atol=ATOL, rtol=RTOL)
     got.chosen.sum().backward()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = pair_logps(model, make_batch(examples, pad, "shared-prompt"))
+        low = pair_logps(model, make_batch(examples, pad, "shared-prompt", model))
     torch.testing.assert_close(low.chosen.float(), expected.chosen, atol=0.5, rtol=0.05)
 
 
@@ -229,7 +263,7 @@ def test_end_to_end_training_runs_equal_across_layouts(tokenizer, tmp_path):
             progress=False,
             packing=packing,
             cache_dir=str(tmp_path / "cache"),
-            model="tiny",
+            model="tiny-fast-paths-test",
         )
         summary = train_on_examples(options, model, tokenizer, examples)
         histories[packing] = summary

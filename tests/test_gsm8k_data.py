@@ -18,7 +18,8 @@ from miopt.evaluation.gsm8k_pairs import (
     TRAIN_FILE,
     convert_gsm8k_pairs,
 )
-from miopt.evaluation.tasks import gsm8k_prompt, load_records
+from miopt.evaluation.tasks import load_records
+from miopt.tasks.gsm8k import gsm8k_prompt
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
 SAMPLE_FIELDS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")

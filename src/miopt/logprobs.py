@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from miopt.data.tokenize import SequenceBatch
-from miopt.packing import PackedBatch, model_attention_mask
+from miopt.packing import PackedBatch, check_blocks_used, model_inputs
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -118,20 +118,17 @@ def packed_sequence_logps(model, batch, *, chunk_tokens: int = DEFAULT_CHUNK_TOK
     One forward over the packed rows (position ids, and the 4D mask of the prefix-tree layout); each
     scored token's log-prob is computed once and summed into every sequence that contains it.
     """
-    inputs = {
-        "input_ids": batch.input_ids,
-        "position_ids": batch.position_ids,
-        "attention_mask": model_attention_mask(model, batch.attention_mask),
-        "use_cache": False,
-    }
+    inputs = model_inputs(model, batch)
     if chunk_tokens > 0 and _uses_plain_head(model):
         outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+        check_blocks_used(batch)
         hidden = outputs.hidden_states[-1]
         hidden = hidden.reshape(-1, hidden.shape[-1])[batch.predict_index]
         head = unwrap(model).get_output_embeddings()
         token_logps = chunked_token_logps(hidden, batch.targets, head, chunk_tokens)
     else:
         logits = model(**inputs).logits
+        check_blocks_used(batch)
         logits = logits.reshape(-1, logits.shape[-1])[batch.predict_index]
         token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.targets[:, None]).squeeze(-1)
     per_sequence = token_logps[batch.token_node]

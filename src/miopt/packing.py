@@ -37,8 +37,6 @@ from torch import Tensor
 from miopt.data.tokenize import PairRows, SequenceBatch, TokenizedExample, collate
 
 PACKINGS = ("shared-prompt", "packed", "padded")
-# Attention implementations that accept a custom 4D mask (the prefix-tree layout needs one).
-MASK_ATTENTION = ("sdpa", "eager")
 
 
 @dataclass
@@ -56,6 +54,7 @@ class PackedBatch(PairRows):
     input_ids: Tensor
     position_ids: Tensor
     attention_mask: Tensor | None
+    attention_blocks: AttentionBlocks | None
     predict_index: Tensor
     targets: Tensor
     token_rows: Tensor
@@ -74,6 +73,11 @@ class PackedBatch(PairRows):
             name: value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
             for name, value in self.__dict__.items()
         }
+        if self.attention_blocks is not None:
+            moved["attention_blocks"] = AttentionBlocks(
+                (a, b, None if m is None else m.to(device, non_blocking=True))
+                for a, b, m in self.attention_blocks
+            )
         return PackedBatch(**moved)
 
     @property
@@ -155,23 +159,56 @@ def _first_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def _tree_mask(tree: _Tree) -> np.ndarray:
+    """``[n, n]``: node ``i`` may attend to node ``j`` iff ``j`` is ``i`` or one of its ancestors (the union
+    over the tree's paths of each path's lower triangle)."""
+    n = len(tree.tokens)
+    mask = np.zeros((n, n), dtype=bool)
+    for path in tree.paths:
+        nodes = np.asarray(path)
+        rows, cols = np.tril_indices(len(path))
+        mask[nodes[rows], nodes[cols]] = True
+    return mask
+
+
+class AttentionBlocks(list):
+    """``(start, stop, mask)`` per unit of a one-row batch, for the block attention of
+    :func:`install_block_attention` (``mask`` ``[1, 1, n, n]`` bool, or None for a causal sequence).
+    ``calls`` counts the attention calls that consumed it: a forward that never did ignored the blocks."""
+
+    calls: int = 0
+
+
 def collate_packed(
     examples: Sequence[TokenizedExample],
     pad_token_id: int,
     *,
     share_prompt: bool = True,
+    attention: str = "mask",
     row_length: int | None = None,
 ) -> PackedBatch:
     """The padding-free batch of ``examples`` (see the module docstring).
 
-    ``share_prompt``: the prefix-tree layout with its 4D mask (else plain packing, prompts repeated).
-    ``row_length``: capacity of a row in tokens (default: the largest unit, a tree or a sequence; a
-    larger value packs more per row but costs attention over the masked-out blocks).
+    ``share_prompt``: one prefix tree per example (else one sequence per response, prompts repeated).
+    ``attention``: how the units are kept apart:
+
+    - ``"blocks"``: every unit in one row, no padding at all; the attention runs unit by unit
+      (:func:`install_block_attention`, sdpa);
+    - ``"mask"``: units packed into rows (first-fit decreasing) with a 4D mask (any attention that takes one);
+    - ``"positions"``: rows as for ``"mask"`` but no mask (``share_prompt=False`` only): the model derives
+      the block-diagonal causal mask from the position ids (flash attention's variable-length path).
+
+    ``row_length``: capacity of a row in tokens for ``"mask"``/``"positions"`` (default: the largest unit;
+    a larger value fills rows better but costs attention over the masked-out blocks).
     """
+    if attention not in ("blocks", "mask", "positions"):
+        raise ValueError(f"unknown attention layout {attention!r}")
+    if attention == "positions" and share_prompt:
+        raise ValueError("the prefix-tree layout needs a mask (attention='mask' or 'blocks')")
     groups, rejected_index = _sequences(examples)
     sequence_rows = _sequence_rows(examples)
     num_sequences = sum(len(g) for g in groups)
-    # Units packed into rows: one tree per example, or one per sequence without sharing.
+    # Units: one tree per example, or one single-path tree per sequence without sharing.
     trees: list[_Tree] = []
     unit_rows: list[list[int]] = []  # padded-layout row of each path of a unit
     for example, responses, rows in zip(examples, groups, sequence_rows):
@@ -183,14 +220,17 @@ def collate_packed(
                 trees.append(_build_tree(example.prompt_ids, [response], share=False))
                 unit_rows.append([row])
     sizes = [len(t.tokens) for t in trees]
-    capacity = max(max(sizes, default=1), row_length or 0)
-    bins = _first_fit_decreasing(sizes, capacity)
+    if attention == "blocks":
+        bins = [list(range(len(trees)))]
+    else:
+        bins = _first_fit_decreasing(sizes, max(max(sizes, default=1), row_length or 0))
     width = max(sum(sizes[i] for i in b) for b in bins) if bins else 1
 
     num_rows = len(bins)
     input_ids = np.full((num_rows, width), pad_token_id, dtype=np.int64)
     position_ids = np.zeros((num_rows, width), dtype=np.int64)
-    mask = np.zeros((num_rows, width, width), dtype=bool) if share_prompt else None
+    mask = np.zeros((num_rows, width, width), dtype=bool) if attention == "mask" else None
+    blocks = AttentionBlocks() if attention == "blocks" else None
     predict_index: list[int] = []
     targets: list[int] = []
     token_rows: list[int] = []
@@ -204,15 +244,14 @@ def collate_packed(
             tree, n = trees[unit], sizes[unit]
             input_ids[row, offset : offset + n] = tree.tokens
             position_ids[row, offset : offset + n] = tree.depths
+            if mask is not None:
+                mask[row, offset : offset + n, offset : offset + n] = _tree_mask(tree)
+            if blocks is not None:
+                local = torch.from_numpy(_tree_mask(tree))[None, None] if share_prompt else None
+                blocks.append((offset, offset + n, local))
             scored: dict[int, int] = {}  # node -> index into predict_index / targets
             for path, sequence_row in zip(tree.paths, unit_rows[unit]):
                 sequence_length = max(sequence_length, len(path))
-                if mask is not None:
-                    # each node attends to its ancestors and itself: the path's lower triangle
-                    nodes = np.asarray(path) + offset
-                    lower = np.tril(np.ones((len(path), len(path)), dtype=bool))
-                    block = mask[row][np.ix_(nodes, nodes)]
-                    mask[row][np.ix_(nodes, nodes)] = block | lower
                 start = max(tree.prompt_length, 1)
                 for depth in range(start, len(path)):
                     node = path[depth]
@@ -241,6 +280,7 @@ def collate_packed(
         input_ids=torch.from_numpy(input_ids),
         position_ids=torch.from_numpy(position_ids),
         attention_mask=torch.from_numpy(mask).unsqueeze(1) if mask is not None else None,
+        attention_blocks=blocks,
         predict_index=long(predict_index),
         targets=long(targets),
         token_rows=long(token_rows),
@@ -263,36 +303,97 @@ def attention_implementation(model) -> str | None:
     return getattr(config, "_attn_implementation", None)
 
 
-def resolve_packing(model, packing: str) -> str:
-    """The layout to use for ``model``: the prefix-tree layout needs a 4D-mask attention implementation;
-    otherwise plain packing (position ids only; flash attention runs it as variable-length batches)."""
+def plan(model, packing: str) -> tuple[str, str | None]:
+    """``(layout, attention)`` for ``model``: sdpa runs the packed layouts unit by unit (``"blocks"``, no
+    padding at all); eager takes them as rows with a 4D mask; any other attention (flash attention, ...)
+    takes no custom mask, so the prefix tree falls back to plain packing by position ids."""
     if packing not in PACKINGS:
         raise ValueError(f"unknown packing {packing!r}; valid: {', '.join(PACKINGS)}")
-    if packing == "shared-prompt" and attention_implementation(model) not in MASK_ATTENTION:
-        return "packed"
-    return packing
+    if packing == "padded":
+        return "padded", None
+    implementation = attention_implementation(model) if model is not None else "eager"
+    if implementation == "sdpa":
+        return packing, "blocks"
+    if implementation == "eager":
+        return packing, "mask"
+    return "packed", "positions"
+
+
+def resolve_packing(model, packing: str) -> str:
+    """The layout :func:`make_batch` uses for ``model`` (see :func:`plan`)."""
+    return plan(model, packing)[0]
 
 
 def make_batch(
-    examples: Sequence[TokenizedExample], pad_token_id: int, packing: str
+    examples: Sequence[TokenizedExample], pad_token_id: int, packing: str, model=None
 ) -> SequenceBatch | PackedBatch:
-    """The batch of ``examples`` in layout ``packing`` (an already resolved one: see :func:`resolve_packing`)."""
-    if packing == "padded":
+    """The batch of ``examples`` in layout ``packing``, in the form ``model``'s attention takes
+    (:func:`plan`; without a model, rows with a 4D mask)."""
+    layout, attention = plan(model, packing)
+    if layout == "padded":
         return collate(examples, pad_token_id)
-    if packing not in PACKINGS:
-        raise ValueError(f"unknown packing {packing!r}; valid: {', '.join(PACKINGS)}")
-    return collate_packed(examples, pad_token_id, share_prompt=packing == "shared-prompt")
+    return collate_packed(examples, pad_token_id, share_prompt=layout == "shared-prompt", attention=attention)
 
 
-def model_attention_mask(model, mask: Tensor | None) -> Tensor | None:
-    """The boolean 4D mask in the form the model's attention takes: bool for sdpa, additive float for eager."""
-    if mask is None or attention_implementation(model) != "eager":
-        return mask
-    from miopt.logprobs import unwrap
+def model_inputs(model, batch: PackedBatch) -> dict:
+    """The forward's keyword arguments for ``batch``: its 4D mask in the form the attention takes (bool
+    for sdpa, additive float for eager), or its attention blocks."""
+    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
+    if batch.attention_blocks is not None:
+        install_block_attention()
+        batch.attention_blocks.calls = 0
+        # a placeholder: a 4D mask is passed through untouched, so no mask is built; the blocks replace it
+        inputs["attention_mask"] = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=batch.input_ids.device)
+        inputs[BLOCKS_KWARG] = batch.attention_blocks
+        return inputs
+    mask = batch.attention_mask
+    if mask is not None and attention_implementation(model) == "eager":
+        from miopt.logprobs import unwrap
 
-    dtype = next(unwrap(model).parameters()).dtype
-    if not dtype.is_floating_point:
-        dtype = torch.float32
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
-        ~mask, torch.finfo(dtype).min
-    )
+        dtype = next(unwrap(model).parameters()).dtype
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(dtype).min
+        )
+    inputs["attention_mask"] = mask
+    return inputs
+
+
+def check_blocks_used(batch: PackedBatch) -> None:
+    """Fail loudly when a forward did not run its attention through the blocks (a model whose attention
+    does not receive extra keyword arguments): its results would be wrong."""
+    if batch.attention_blocks is not None and batch.attention_blocks.calls == 0:
+        raise RuntimeError(
+            "the model's attention ignored miopt's attention blocks; use packing='padded' for this model"
+        )
+
+
+BLOCKS_KWARG = "miopt_attention_blocks"
+
+
+def install_block_attention() -> None:
+    """Wrap transformers' ``sdpa`` attention so that a forward given ``miopt_attention_blocks`` runs it
+    block by block: each unit of a one-row batch attends within itself (with its tree mask, or causally),
+    at the cost of its own length squared, with no padding. Without that keyword argument the wrapped
+    function is called unchanged. Transformers passes a forward's extra keyword arguments down to the
+    attention function (as it does for flash attention's variable-length arguments)."""
+    from transformers import AttentionInterface
+
+    original = AttentionInterface._global_mapping["sdpa"]
+    if getattr(original, "miopt_blocks", False):
+        return
+
+    def sdpa_by_blocks(module, query, key, value, attention_mask, *args, **kwargs):
+        blocks = kwargs.pop(BLOCKS_KWARG, None)
+        if blocks is None:
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+        blocks.calls += 1
+        outputs = [
+            original(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], mask, *args, **kwargs)[0]
+            for a, b, mask in blocks
+        ]
+        return torch.cat(outputs, dim=1), None
+
+    sdpa_by_blocks.miopt_blocks = True
+    AttentionInterface.register("sdpa", sdpa_by_blocks)

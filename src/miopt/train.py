@@ -27,7 +27,7 @@ from miopt.data.tokenize import TokenizedExample, fingerprint, tokenize_preferen
 from miopt.errors import OptionError
 from miopt.logprobs import DEFAULT_CHUNK_TOKENS, pair_logps, unwrap
 from miopt.loop import LoopOptions, check_loop_options, make_accelerator, run_loop, shards_parameters
-from miopt.packing import PACKINGS, make_batch, resolve_packing
+from miopt.packing import PACKINGS, make_batch
 from miopt.plots import plot_training_curves
 from miopt.reference import (
     ReferenceLogps,
@@ -203,7 +203,7 @@ def make_step_function(
     def step(model, indices: Sequence[int]):
         examples = [data.examples[i] for i in indices]
         device = next(unwrap(model).parameters()).device
-        batch = make_batch(examples, pad_token_id, resolve_packing(model, packing)).to(device)
+        batch = make_batch(examples, pad_token_id, packing, model).to(device)
         policy = pair_logps(model, batch, chunk_tokens=chunk_tokens)
         ref_chosen = ref_rejected = None
         if not reference_free:
@@ -263,7 +263,11 @@ def apply_lora(model, options: ModelOptions):
         target_modules=options.lora_target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    # The adapters' random initialisation follows --seed (the same on every process and every run).
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(getattr(options, "seed", 0))
+        return get_peft_model(model, config)
 
 
 def save_model(

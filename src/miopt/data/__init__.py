@@ -1,8 +1,6 @@
 """Training data: reading and validating records (``records``, ``sources``) and tokenising them."""
 
 from miopt.data.records import (
-    GSM8K_COMPLETION_TEMPLATE,
-    GSM8K_PROMPT_TEMPLATE,
     LoadReport,
     PreferenceRecord,
     SFTRecord,
@@ -13,8 +11,6 @@ from miopt.data.records import (
 )
 
 __all__ = [
-    "GSM8K_COMPLETION_TEMPLATE",
-    "GSM8K_PROMPT_TEMPLATE",
     "LoadReport",
     "PreferenceRecord",
     "SFTRecord",

@@ -15,7 +15,7 @@ Preference rows (https://huggingface.co/docs/trl/dataset_formats) need ``chosen`
 
 SFT rows: ``prompt`` + ``completion`` (strings, or message lists rendered as above); ``messages``
 (the final message, which must be the assistant's, is the completion, the rest the prompt); or
-GSM8K's ``question`` + ``answer`` (``GSM8K_PROMPT_TEMPLATE`` / ``GSM8K_COMPLETION_TEMPLATE``).
+GSM8K's ``question`` + ``answer`` (prompt :func:`miopt.tasks.gsm8k.gsm8k_prompt`, completion the answer).
 
 Every record is checked before anything is returned; a bad one raises ``DataError`` naming its
 file, line or record, and field, or with ``skip_invalid`` is counted in the ``LoadReport``.
@@ -30,14 +30,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from miopt.data.sources import RawRow, kind_of, read_rows
 from miopt.errors import DataError
+from miopt.tasks.gsm8k import gsm8k_prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-# GSM8K rows: prompt = GSM8K_PROMPT_TEMPLATE with the stripped question; completion =
-# GSM8K_COMPLETION_TEMPLATE with the stripped answer (its worked solution and "#### N" line kept).
-GSM8K_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
-GSM8K_COMPLETION_TEMPLATE = " {answer}"
 MAX_REPORTED_REASONS = 5  # skipped records whose reasons the LoadReport keeps
 
 Messages = list[dict[str, Any]]
@@ -304,11 +301,8 @@ def _sft(row: dict[str, Any], where: str, renderer: _ChatRenderer) -> SFTRecord:
     if "question" in row or "answer" in row:
         question = _nonempty_string(row, "question", where)
         answer = _nonempty_string(row, "answer", where)
-        return SFTRecord(
-            GSM8K_PROMPT_TEMPLATE.format(question=question.strip()),
-            GSM8K_COMPLETION_TEMPLATE.format(answer=answer.strip()),
-            where,
-        )
+        # The prompt of miopt.tasks.gsm8k (as in evaluation); the completion is the stripped answer.
+        return SFTRecord(gsm8k_prompt(question), answer.strip(), where)
 
     raise DataError(
         "missing: SFT rows need prompt and completion, messages, or question and answer (GSM8K); "

@@ -27,14 +27,8 @@ from miopt.evaluation.choice import ChoiceScores, loglikelihoods, score_choices
 from miopt.evaluation.generation import cut_at_stop, generate
 from miopt.evaluation.metrics import accuracy, majority_vote, pass_at_k, wilson_interval
 from miopt.evaluation.runner import DEFAULT_STOPS, evaluate, evaluate_arithmetic
-from miopt.evaluation.tasks import (
-    GSM8K_PROMPT,
-    EvalRecord,
-    arithmetic_records,
-    few_shot_prefix,
-    gsm8k_prompt,
-    load_records,
-)
+from miopt.evaluation.tasks import EvalRecord, arithmetic_records, few_shot_prefix, load_records
+from miopt.tasks.gsm8k import GSM8K_PROMPT, gsm8k_prompt
 
 __all__ = [
     "ANSWER_TYPES",

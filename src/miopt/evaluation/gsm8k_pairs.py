@@ -22,7 +22,8 @@ from typing import Any
 from miopt.errors import DataError
 from miopt.evaluation.answers import format_number, gsm8k_reference
 from miopt.evaluation.io import write_json_atomic, write_jsonl_atomic
-from miopt.evaluation.tasks import gsm8k_prompt, read_jsonl
+from miopt.evaluation.tasks import read_jsonl
+from miopt.tasks.gsm8k import gsm8k_prompt
 
 TRAIN_FILE = "pairs_train.jsonl"
 HELDOUT_FILE = "pairs_heldout.jsonl"

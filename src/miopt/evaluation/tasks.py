@@ -40,9 +40,7 @@ from miopt.evaluation.answers import (
 )
 from miopt.evaluation.choice import continuation
 from miopt.tasks import arithmetic
-
-GSM8K_PROMPT = "Question: {question}\nAnswer:\n"
-"""The prompt for GSM8K questions; the GSM8K preference pairs use the same one."""
+from miopt.tasks.gsm8k import gsm8k_prompt
 
 CHOICE_PROMPT = "Question: {question}\nAnswer:"
 """The context for question-style multiple-choice records; each choice follows after a space."""
@@ -73,9 +71,6 @@ class EvalRecord:
     def is_choice(self) -> bool:
         return self.choices is not None
 
-
-def gsm8k_prompt(question: str) -> str:
-    return GSM8K_PROMPT.format(question=question.strip())
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
