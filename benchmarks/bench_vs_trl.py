@@ -144,7 +144,7 @@ def prepare(config: Config, work: Path) -> tuple[Path, Path]:
     model_dir, pairs_file = work / "model", work / "pairs.jsonl"
     count = config.batch_size * (config.steps + config.warmup)
     stamp = work / "assets.json"
-    wanted = {"config": asdict(config), "pairs": count, "version": 2}
+    wanted = {"config": asdict(config), "pairs": count, "version": 3}
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return model_dir, pairs_file
     if config.name == "tiny":
@@ -170,6 +170,10 @@ def prepare(config: Config, work: Path) -> tuple[Path, Path]:
         max_positions=max(512, config.max_length),
         seed=config.seed,
     )
+    if config.model.get("vocab_size", len(tokenizer)) > len(tokenizer):
+        # the BPE trainer stops short of the requested size on GSM8K alone (~25.6k merges): the head is
+        # padded to the nominal vocabulary (rows no token uses), so its cost is that of a ~32k vocabulary
+        model.resize_token_embeddings(config.model["vocab_size"], mean_resizing=False)
     model.to(torch.float32).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
@@ -220,11 +224,13 @@ def side_trl(spec: dict) -> dict:
     import warnings
 
     import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401  (in the import floor, as on miopt's side)
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
+    imported = _rss_mb()
     pairs = [json.loads(line) for line in Path(spec["pairs"]).read_text().splitlines()]
     ordered = [pairs[i] for i in training_order(len(pairs), spec)]
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
@@ -285,11 +291,13 @@ def side_trl(spec: dict) -> dict:
         "setup_seconds": setup,
         "events": events,
         "rss_floor_mb": floor,
+        "rss_imports_mb": imported,
     }
 
 
 def side_miopt(spec: dict) -> dict:
     import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401  (in the import floor, as on TRL's side)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from miopt import objectives
@@ -300,6 +308,7 @@ def side_miopt(spec: dict) -> dict:
     from miopt.reference import compute_reference_logps
     from miopt.train import PreferenceData, make_step_function
 
+    imported = _rss_mb()
     pairs = [json.loads(line) for line in Path(spec["pairs"]).read_text().splitlines()]
     records = [
         PreferenceRecord(p["prompt"], p["chosen"], (p["rejected"],), f"pairs:{i}")
@@ -354,6 +363,7 @@ def side_miopt(spec: dict) -> dict:
         "setup_seconds": setup,
         "events": events,
         "rss_floor_mb": floor,
+        "rss_imports_mb": imported,
     }
 
 
@@ -460,6 +470,8 @@ def summarise(result: dict, steps: list[dict], warmup: int, side: str) -> dict:
         "matmul_gflops": result["matmul_gflops"],
         "peak_rss_mb": result["peak_rss_mb"],
         "rss_floor_mb": result["rss_floor_mb"],
+        "rss_imports_mb": result["rss_imports_mb"],
+        "rss_above_imports_mb": result["peak_rss_mb"] - result["rss_imports_mb"],
         "peak_cuda_mb": result["peak_cuda_mb"],
         "setup_seconds": result["setup_seconds"],
         "losses": [loss for _, loss in result["events"]],
@@ -605,7 +617,7 @@ def _report(
     for side in sides:
         table[side] = {
             key: median(run[side][key] for run in runs)
-            for key in ("pairs_per_second", "tokens_per_second", "step_seconds", "peak_rss_mb", "rss_floor_mb",
+            for key in ("pairs_per_second", "tokens_per_second", "step_seconds", "peak_rss_mb", "rss_floor_mb", "rss_imports_mb", "rss_above_imports_mb",
                         "executed_flops_fraction", "useful_flops_fraction", "matmul_gflops", "setup_seconds",
                         "positions_per_step")
         }  # fmt: skip
@@ -613,7 +625,10 @@ def _report(
     for side in sides[1:]:
         speed = [run[side]["pairs_per_second"] / run["trl"]["pairs_per_second"] for run in runs]
         memory = [run[side]["peak_rss_mb"] / run["trl"]["peak_rss_mb"] for run in runs]
+        above = [run[side]["rss_above_imports_mb"] / run["trl"]["rss_above_imports_mb"] for run in runs]
         ratios[side] = {
+            "memory_above_imports": above,
+            "memory_above_imports_median": median(above),
             "speed": speed,
             "speed_median": median(speed),
             "memory": memory,
@@ -631,18 +646,21 @@ def _report(
           f"{len(runs)} repeat(s), {args.threads} thread(s); medians over repeats of per-run medians ==")  # fmt: skip
     print(f"sequence tokens/step {median(s['tokens'] for s in measured):.0f}; positions computed/step: TRL "
           f"{table['trl']['positions_per_step']:.0f}, miopt {table[sides[1]]['positions_per_step']:.0f}")  # fmt: skip
-    print(f"{'side':22s} {'pairs/s':>9s} {'tok/s':>9s} {'peak RSS':>9s} {'exec FLOP':>9s} {'useful':>7s}")
+    print(
+        f"{'side':22s} {'pairs/s':>9s} {'tok/s':>9s} {'peak RSS':>9s} {'>imports':>9s} {'exec FLOP':>9s} {'useful':>7s}"
+    )
     for side in sides:
         row = table[side]
         print(
             f"{side:22s} {row['pairs_per_second']:9.2f} {row['tokens_per_second']:9.0f} {row['peak_rss_mb']:7.0f}MB "
-            f"{row['executed_flops_fraction']:9.1%} {row['useful_flops_fraction']:7.1%}"
+            f"{row['rss_above_imports_mb']:7.0f}MB {row['executed_flops_fraction']:9.1%} {row['useful_flops_fraction']:7.1%}"
         )
     for side in sides[1:]:
         r, c = ratios[side], checks[side]
         print(
             f"{side} / trl: pairs/s x{r['speed_median']:.2f} (runs {', '.join(f'{x:.2f}' for x in r['speed'])}), "
-            f"peak RSS x{r['memory_median']:.2f} (runs {', '.join(f'{x:.2f}' for x in r['memory'])}); "
+            f"peak RSS x{r['memory_median']:.2f} (runs {', '.join(f'{x:.2f}' for x in r['memory'])}), "
+            f"above imports x{r['memory_above_imports_median']:.2f}; "
             f"same token ids: {c['same_token_ids']}, max |loss diff| over steps: {c['max_loss_difference']:.1e}"
         )
     return {

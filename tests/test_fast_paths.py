@@ -272,3 +272,42 @@ def test_end_to_end_training_runs_equal_across_layouts(tokenizer, tmp_path):
         final = histories[packing]["final"]
         for name in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm"):
             assert final[name] == pytest.approx(expected[name], abs=1e-4, rel=1e-4), (packing, name)
+
+
+class _Head(torch.nn.Module):
+    """A head that is not a plain ``nn.Linear`` (takes the generic checkpointed path)."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, hidden):
+        return self.linear(hidden)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_linear_head_equals_checkpointed_head_and_full_softmax(bias):
+    from miopt.logprobs import chunked_token_logps
+
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(16, 50, bias=bias)
+    hidden = torch.randn(23, 16, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (23,), generator=generator)
+    weights = torch.randn(23, generator=generator)
+    results = []
+    for head, chunk in ((linear, 5), (_Head(linear), 5), (linear, 0)):
+        hidden.grad = None
+        linear.zero_grad(set_to_none=True)
+        if chunk:
+            out = chunked_token_logps(hidden, targets, head, chunk)
+        else:
+            out = torch.log_softmax(linear(hidden), -1).gather(-1, targets[:, None]).squeeze(-1)
+        (out * weights).sum().backward()
+        grads = [hidden.grad.clone(), linear.weight.grad.clone()] + (
+            [linear.bias.grad.clone()] if bias else []
+        )
+        results.append((out.detach(), grads))
+    for out, grads in results[:2]:
+        torch.testing.assert_close(out, results[2][0], atol=1e-5, rtol=1e-5)
+        for grad, expected in zip(grads, results[2][1]):
+            torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5)

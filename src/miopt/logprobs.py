@@ -3,7 +3,8 @@
 ``log pi(y|x) = sum_t log softmax(W h_{t-1})[y_t]`` over response tokens (theory.md section 1).
 The full-vocabulary float32 log-softmax is never materialised for the whole batch: only the
 hidden states of response positions are projected, a chunk of rows at a time, and each chunk
-is recomputed in the backward pass (activation checkpointing) instead of keeping its logits.
+is recomputed in the backward pass instead of keeping its logits (a fused autograd function for
+a plain linear head, activation checkpointing otherwise).
 """
 
 from __future__ import annotations
@@ -97,13 +98,67 @@ def sequence_logps(model, batch, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) ->
     return _assemble(token_logps, positions, num_rows, length)
 
 
+class _LinearTokenLogps(torch.autograd.Function):
+    """``log softmax(hidden @ W^T + b)[targets]`` for one chunk, keeping only ``hidden`` and the
+    log-sum-exp for the backward pass: the logits are recomputed there once and turned in place into
+    ``d logits = g * (onehot(target) - softmax)``. Against checkpointing the generic path this saves
+    the recomputed forward's log-sum-exp passes over ``[chunk, vocab]`` and their temporaries.
+    ``compute_dtype``: the matmul dtype (autocast's, or the weights'); the softmax is in float32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, compute_dtype):
+        logits = torch.nn.functional.linear(
+            hidden.to(compute_dtype),
+            weight.to(compute_dtype),
+            None if bias is None else bias.to(compute_dtype),
+        ).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        out = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.compute_dtype = compute_dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        h, w = hidden.to(dtype), weight.to(dtype)
+        logits = torch.nn.functional.linear(h, w, None if bias is None else bias.to(dtype)).float()
+        dlogits = logits.sub_(lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
+        dlogits.scatter_add_(-1, targets.unsqueeze(-1), grad.unsqueeze(-1))
+        dlogits = dlogits.to(dtype)
+        dhidden = (dlogits @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        dweight = (dlogits.t() @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dbias = dlogits.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return dhidden, dweight, dbias, None, None
+
+
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
 def chunked_token_logps(hidden: Tensor, targets: Tensor, head: torch.nn.Module, chunk_tokens: int) -> Tensor:
     """``log softmax(head(hidden))[targets]`` in float32, ``chunk_tokens`` rows at a time, each chunk's
-    logits recomputed in the backward pass instead of kept."""
+    logits recomputed in the backward pass instead of kept (a fused function for a plain ``nn.Linear``
+    head; activation checkpointing of the head's own forward for anything else)."""
+    fused = type(head) is torch.nn.Linear and type(head.weight) in (Tensor, torch.nn.Parameter)
+    grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in head.parameters())
+    )
     pieces = []
     for start in range(0, hidden.shape[0], chunk_tokens):
         stop = start + chunk_tokens
-        if torch.is_grad_enabled() and hidden.requires_grad:
+        if fused:
+            dtype = _compute_dtype(hidden, head.weight)
+            pieces.append(
+                _LinearTokenLogps.apply(
+                    hidden[start:stop], head.weight, head.bias, targets[start:stop], dtype
+                )
+            )
+        elif grad:
             pieces.append(
                 checkpoint(_token_logps, hidden[start:stop], targets[start:stop], head, use_reentrant=False)
             )

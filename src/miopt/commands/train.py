@@ -25,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
         run_default(options, explicit=set(vars(args)) - {"command", "_run", "config"})
         return 0
     summary = train(options)
+    if not summary:  # not the main process of a distributed run
+        return 0
     final = summary.get("final", {})
     print(
         f"done: {summary.get('steps')} steps; loss {final.get('loss', float('nan')):.4f}, "
