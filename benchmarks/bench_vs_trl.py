@@ -59,7 +59,7 @@ class Config:
 
 CONFIGS = {
     # The built-in model of docs/calibration.md (hidden 128, 4 layers, vocab 100) on the arithmetic task.
-    "tiny": Config("tiny", batch_size=8, steps=30, warmup=5, max_length=128, model={"hidden_size": 128, "num_layers": 4, "num_heads": 4}),
+    "tiny": Config("tiny", batch_size=8, steps=50, warmup=5, max_length=128, model={"hidden_size": 128, "num_layers": 4, "num_heads": 4}),
     # hidden 512, 8 layers, FFN 2048, 32k byte-level BPE trained here on GSM8K train; GSM8K pairs <= 512 tokens.
     "mid": Config("mid", batch_size=8, steps=6, warmup=1, max_length=512, model={"hidden_size": 512, "num_layers": 8, "num_heads": 8, "vocab_size": 32000}),
 }  # fmt: skip

@@ -644,8 +644,11 @@ def write_markdown(path: Path, table: dict[str, Any]) -> None:
         "",
         f"Machine: {table['machine']['processor']}, {table['machine']['cpu_count']} CPUs, torch "
         f"{table['machine']['torch']} ({table['machine']['torch_threads']} threads), transformers "
-        f"{table['machine']['transformers']}; total {table['total_seconds']:.0f} s "
-        f"(preparation {table['prepare_seconds']:.0f} s).",
+        f"{table['machine']['transformers']}. Time: the runs {table['runs_seconds']:.0f} s together "
+        f"(s / run above); this invocation {table['total_seconds']:.0f} s, of which preparation "
+        f"{table['prepare_seconds']:.0f} s"
+        + (f", {table['reused_runs']} finished runs reused" if table["reused_runs"] else "")
+        + ".",
         "",
     ]
     atomic_write_text(path, "\n".join(lines))
@@ -694,6 +697,7 @@ def _band(axis, steps, series, colour, label) -> None:
 def plot_quantity(results, objectives: Sequence[str], quantity: str, path: Path, subtitle: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
 
     from miopt.plots import save_figure
 
@@ -735,6 +739,7 @@ def plot_quantity(results, objectives: Sequence[str], quantity: str, path: Path,
             bars.scatter([index] * len(values), values, color="black", s=10, zorder=3)
         bars.axhline(start, color="grey", ls="--", lw=1.5, label=f"SFT start {start:.1%}")
         bars.set_xticks(range(len(objectives)), list(objectives))
+        bars.yaxis.set_major_formatter(PercentFormatter(1.0))
         bars.set_ylabel("held-out accuracy (greedy)")
         bars.set_title("held-out task accuracy after training (mean ± std; dots: seeds)")
         bars.legend(loc="best", fontsize=8)
@@ -842,6 +847,8 @@ def _run_compare(options: CompareOptions, preset) -> dict[str, Any]:
         "runs": [{k: v for k, v in r.items() if k != "curves"} for r in results],
         "machine": machine_info(),
         "prepare_seconds": round(prepare_seconds, 1),
+        "runs_seconds": round(sum(r["seconds"] for r in results), 1),
+        "reused_runs": len(results) - trained,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     subtitle = (

@@ -34,7 +34,8 @@ _HASH_LINE = re.compile(r"\n?[ \t]*####\s*([^\n]*)\s*$")
 
 @dataclass(frozen=True)
 class Gsm8kSFTSettings:
-    """What makes the GSM8K SFT start; every field enters the cache key."""
+    """What makes the GSM8K SFT start; every field but the file's path enters the cache key (with the
+    file's content)."""
 
     train_file: str = "../shared/data/gsm8k/train.jsonl"
     train_limit: int | None = None  # first N train records (None: all 7,473)
@@ -60,7 +61,8 @@ def solution_text(answer: str) -> str:
 
 def read_train(path: str | Path, limit: int | None = None) -> list[tuple[str, str]]:
     """(prompt, solution) pairs of a GSM8K-format JSONL file (``question``, ``answer``)."""
-    from miopt.evaluation.tasks import gsm8k_prompt, read_jsonl
+    from miopt.evaluation.tasks import read_jsonl
+    from miopt.tasks.gsm8k import gsm8k_prompt
 
     path = Path(path)
     if not path.is_file():
@@ -106,11 +108,9 @@ def _file_digest(path: Path) -> str:
 
 
 def sft_cache_path(settings: Gsm8kSFTSettings) -> Path:
-    text = (
-        json.dumps(dataclasses.asdict(settings), sort_keys=True)
-        + "|"
-        + _file_digest(Path(settings.train_file))
-    )
+    """Keyed by the settings and the train file's content (not its path)."""
+    fields = {k: v for k, v in dataclasses.asdict(settings).items() if k != "train_file"}
+    text = json.dumps(fields, sort_keys=True) + "|" + _file_digest(Path(settings.train_file))
     return default_cache_dir() / "gsm8k-sft" / hashlib.sha256((text + "|v1").encode()).hexdigest()[:16]
 
 

@@ -1,25 +1,28 @@
 """Padding-free batches with the prompt computed once for all responses.
 
 The padded batch of :func:`miopt.data.tokenize.collate` repeats the prompt in every row (chosen and each
-rejected) and pads every row to the longest; the forward pass spends most of its time on those copies and
+rejected) and pads every row to the longest; the forward pass spends much of its time on those copies and
 that padding. The layouts here remove both, with log-probs equal to the padded ones (same maths, other
-floating-point summation order):
+floating-point summation order; tests/test_fast_paths.py):
 
-``"shared-prompt"``
+``"shared-prompt"`` (the default of ``miopt train``)
     Each example (prompt, chosen, K rejected) becomes one *prefix tree* of tokens: the prompt once, then
     each response as a branch (tokens that several responses share at their start, e.g. the beginning of a
-    worked solution, are one branch too). A token attends to exactly its ancestors in the tree (a 4D
-    block attention mask) and its position id is its depth, so each response sees the context it would see
-    in its own padded row. Trees are packed into rows (first-fit decreasing, row width = the largest tree),
-    so almost nothing is padding. Needs an attention implementation that takes a custom 4D mask
-    (``sdpa``, ``eager``).
+    worked solution, are one branch too). A token attends to exactly its ancestors in the tree and its
+    position id is its depth, so each response sees the context it would see in its own padded row, and
+    every shared token (hidden state, keys/values and its log-prob) is computed once.
 ``"packed"``
-    Every sequence (prompt + response, the prompt repeated) back to back in rows, position ids restarting
-    at 0 for each; no mask is passed and the model derives the block-diagonal causal mask from the position
-    ids (varlen kernels under flash attention). The fallback for attention implementations that take no
-    custom mask.
+    Every sequence (prompt + response, the prompt repeated) back to back, position ids restarting at 0.
 ``"padded"``
     The plain right-padded batch (the reference the fast paths are tested against).
+
+How the units (trees or sequences) are kept apart depends on the model's attention (:func:`plan`):
+
+- ``sdpa``: all units in one row with no padding at all, and the attention run unit by unit
+  (:func:`install_block_attention`): each unit costs its own length squared;
+- ``eager``: units packed into rows (first-fit decreasing, row width = the largest unit) with a 4D mask;
+- anything else (flash attention, ...): no custom mask is possible, so the prefix tree falls back to
+  ``"packed"`` rows whose position ids alone separate the sequences (flash attention's variable-length path).
 
 Every index the log-prob gather needs is built on the host here, so the step issues no device-to-host
 synchronisation of its own.
