@@ -311,3 +311,19 @@ def test_fused_linear_head_equals_checkpointed_head_and_full_softmax(bias):
         torch.testing.assert_close(out, results[2][0], atol=1e-5, rtol=1e-5)
         for grad, expected in zip(grads, results[2][1]):
             torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_without_extra_keyword_arguments_gets_rows_with_a_mask(tokenizer):
+    from miopt.packing import plan
+
+    class Strict(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.config = model, model.config
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    model = _model(tokenizer, "sdpa")
+    assert plan(model, "shared-prompt") == ("shared-prompt", "blocks")
+    assert plan(Strict(model), "shared-prompt") == ("shared-prompt", "mask")

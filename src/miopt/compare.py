@@ -22,7 +22,7 @@ Presets (small frozen dataclasses; tests inject smaller ones):
 
 * :class:`ArithPreset` (``--preset arith``): the embedded default's task, SFT start
   (:func:`miopt.default_run.warm_start`, same cache) and on-policy pairs (the SFT model's own wrong
-  greedy answers, :func:`miopt.default_run.own_wrong_answers`), with
+  greedy answers, :func:`miopt.default_run.on_policy_pairs`), with
   :data:`miopt.default_run.DEFAULT_PREFERENCE_OPTIONS`; 3 seeds.
 * :class:`Gsm8kPreset` (``--preset gsm8k``): pairs of ``miopt data gsm8k-pairs`` (real model
   samples, split by question), SFT start trained from scratch on GSM8K train with a locally
@@ -32,6 +32,7 @@ Presets (small frozen dataclasses; tests inject smaller ones):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -164,8 +165,7 @@ class ArithPreset:
 
     def prepare(self, output_dir: Path, progress: bool) -> Prepared:
         from miopt.builtin import build_tokenizer
-        from miopt.data.tokenize import tokenize_examples
-        from miopt.default_run import own_wrong_answers, warm_start
+        from miopt.default_run import on_policy_pairs, warm_start
         from miopt.evaluation import evaluate_arithmetic
         from miopt.models import load_model
         from miopt.tasks import arithmetic
@@ -180,23 +180,12 @@ class ArithPreset:
         sft_dir = warm_start(task, tokenizer, train_problems[: task.sft_problems], progress)
         model = load_model(str(sft_dir))
         print("[compare] SFT start: held-out accuracy and on-policy negatives", file=sys.stderr)
-        prompts, wrong = own_wrong_answers(model, tokenizer, train_problems[task.sft_problems :], task)
-        # The same pairs (and sources, hence the same reference cache entry) as the default run.
-        examples, _ = tokenize_examples(
-            [p.prompt for p in prompts],
-            [(p.solution, text) for p, text in zip(prompts, wrong)],
-            [f"arithmetic-pairs:{i}" for i in range(len(prompts))],
-            tokenizer,
-            max_length=preference["max_length"],
+        # The same pairs (hence the same reference cache entry) as the default run.
+        pairs = functools.partial(
+            on_policy_pairs, model, tokenizer, task=task, max_length=preference["max_length"]
         )
-        held_prompts, held_wrong = own_wrong_answers(model, tokenizer, heldout, task)
-        heldout_pairs, _ = tokenize_examples(
-            [p.prompt for p in held_prompts],
-            [(p.solution, text) for p, text in zip(held_prompts, held_wrong)],
-            [f"arithmetic-heldout-pairs:{i}" for i in range(len(held_prompts))],
-            tokenizer,
-            max_length=preference["max_length"],
-        )
+        examples = pairs(train_problems[task.sft_problems :], source="arithmetic-pairs")
+        heldout_pairs = pairs(heldout, source="arithmetic-heldout-pairs")
 
         def evaluate(policy) -> float:
             return evaluate_arithmetic(policy, tokenizer, heldout)

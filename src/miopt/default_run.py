@@ -32,8 +32,8 @@ class DefaultTask:
     sft_problems: int = 20000
     preference_prompts: int = 4800
     heldout_problems: int = 1000
-    sft_steps: int = 600
-    sft_batch_size: int = 64
+    sft_steps: int = 1200
+    sft_batch_size: int = 32
     sft_learning_rate: float = 2e-3
     max_length: int = 128
     max_new_tokens: int = 64
@@ -71,7 +71,7 @@ def warm_start(task: DefaultTask, tokenizer, problems: list[arithmetic.Problem],
         return final
     print(
         f"[1/4] SFT start: {task.sft_steps} steps on {len(problems)} worked solutions "
-        "(about 2 minutes; cached for the next run)",
+        "(about 2-3 minutes; cached for the next run)",
         file=sys.stderr,
     )
     examples, _ = tokenize_examples(
@@ -99,8 +99,10 @@ def warm_start(task: DefaultTask, tokenizer, problems: list[arithmetic.Problem],
     return final
 
 
-def own_wrong_answers(model, tokenizer, problems, task: DefaultTask) -> tuple[list, list[str]]:
-    """The problems the model gets wrong under greedy decoding, with its wrong solutions."""
+def on_policy_pairs(model, tokenizer, problems, task: DefaultTask, *, max_length: int, source: str):
+    """Preference pairs from the problems the model gets wrong under greedy decoding: the correct
+    worked solution (chosen) vs. the model's own wrong solution (rejected), tokenised."""
+    from miopt.data.tokenize import tokenize_examples
     from miopt.evaluation.generation import generate
 
     outputs = generate(
@@ -110,7 +112,14 @@ def own_wrong_answers(model, tokenizer, problems, task: DefaultTask) -> tuple[li
         (p, o[0].strip()) for p, o in zip(problems, outputs) if not arithmetic.is_correct(o[0], p.answer)
     ]
     wrong = [(p, text) for p, text in wrong if text and text != p.solution]
-    return [p for p, _ in wrong], [text for _, text in wrong]
+    examples, _ = tokenize_examples(
+        [p.prompt for p, _ in wrong],
+        [(p.solution, text) for p, text in wrong],
+        [f"{source}:{i}" for i in range(len(wrong))],
+        tokenizer,
+        max_length=max_length,
+    )
+    return examples
 
 
 def run_default(
@@ -118,7 +127,6 @@ def run_default(
 ) -> dict:
     """The whole default pipeline; flags in ``explicit`` keep the user's value over the defaults above."""
     from miopt.builtin import build_tokenizer
-    from miopt.data.tokenize import tokenize_examples
     from miopt.evaluation import evaluate_arithmetic
     from miopt.models import load_model
 
@@ -145,13 +153,8 @@ def run_default(
         file=sys.stderr,
     )
     sft_accuracy = evaluate_arithmetic(model, tokenizer, heldout)
-    prompts, wrong = own_wrong_answers(model, tokenizer, preference_problems, task)
-    examples, _ = tokenize_examples(
-        [p.prompt for p in prompts],
-        [(p.solution, text) for p, text in zip(prompts, wrong)],
-        [f"arithmetic-pairs:{i}" for i in range(len(prompts))],
-        tokenizer,
-        max_length=options.max_length,
+    examples = on_policy_pairs(
+        model, tokenizer, preference_problems, task, max_length=options.max_length, source="arithmetic-pairs"
     )
     print(f"      {len(examples)} pairs (correct solution vs. the model's own wrong answer)", file=sys.stderr)
 

@@ -308,18 +308,36 @@ def attention_implementation(model) -> str | None:
 
 def plan(model, packing: str) -> tuple[str, str | None]:
     """``(layout, attention)`` for ``model``: sdpa runs the packed layouts unit by unit (``"blocks"``, no
-    padding at all); eager takes them as rows with a 4D mask; any other attention (flash attention, ...)
-    takes no custom mask, so the prefix tree falls back to plain packing by position ids."""
+    padding at all; rows with a 4D mask if the forward takes no extra keyword arguments); eager takes them
+    as rows with a 4D mask; any other attention (flash attention, ...) takes no custom mask, so the prefix
+    tree falls back to plain packing by position ids."""
     if packing not in PACKINGS:
         raise ValueError(f"unknown packing {packing!r}; valid: {', '.join(PACKINGS)}")
     if packing == "padded":
         return "padded", None
     implementation = attention_implementation(model) if model is not None else "eager"
-    if implementation == "sdpa":
+    if implementation == "sdpa" and _forward_takes_kwargs(model):
         return packing, "blocks"
+    if implementation == "sdpa":
+        return packing, "mask"
     if implementation == "eager":
         return packing, "mask"
     return "packed", "positions"
+
+
+def _forward_takes_kwargs(model) -> bool:
+    """Whether the forward passes extra keyword arguments on (to the attention, in transformers 5)."""
+    import inspect
+
+    from miopt.logprobs import unwrap
+
+    inner = unwrap(model)
+    forward = getattr(getattr(inner, "get_base_model", lambda: inner)(), "forward", None)
+    try:
+        parameters = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def resolve_packing(model, packing: str) -> str:
