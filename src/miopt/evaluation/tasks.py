@@ -72,7 +72,6 @@ class EvalRecord:
         return self.choices is not None
 
 
-
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; DataError names the file and line."""
     path = Path(path)
