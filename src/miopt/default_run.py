@@ -32,8 +32,8 @@ class DefaultTask:
     sft_problems: int = 20000
     preference_prompts: int = 4800
     heldout_problems: int = 1000
-    sft_steps: int = 1200
-    sft_batch_size: int = 32
+    sft_steps: int = 600
+    sft_batch_size: int = 64
     sft_learning_rate: float = 2e-3
     max_length: int = 128
     max_new_tokens: int = 64
@@ -71,7 +71,7 @@ def warm_start(task: DefaultTask, tokenizer, problems: list[arithmetic.Problem],
         return final
     print(
         f"[1/4] SFT start: {task.sft_steps} steps on {len(problems)} worked solutions "
-        "(about 2-3 minutes; cached for the next run)",
+        "(about 2 minutes; cached for the next run)",
         file=sys.stderr,
     )
     examples, _ = tokenize_examples(
