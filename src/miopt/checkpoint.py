@@ -7,10 +7,12 @@ temporary name and renamed once complete, so ``latest_checkpoint`` only ever see
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,25 @@ def move_files_into(source: Path, destination: Path) -> None:
         else:
             os.replace(item, target)
     shutil.rmtree(source, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def cache_lock(final: str | Path) -> Iterator[None]:
+    """An exclusive lock for building the cache entry ``final``: a second process that wants the
+    same entry waits, then finds it built, instead of training it again beside the first."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "w") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, the atomic rename still keeps the entry whole
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from miopt.checkpoint import atomic_directory, atomic_write_json, commit_directory
+from miopt.checkpoint import atomic_directory, atomic_write_json, cache_lock, commit_directory
 from miopt.reference import default_cache_dir
 from miopt.tasks import arithmetic
 from miopt.train import TrainOptions, train_on_examples
@@ -61,11 +61,18 @@ def sft_cache_path(task: DefaultTask) -> Path:
 
 def warm_start(task: DefaultTask, tokenizer, problems: list[arithmetic.Problem], progress: bool) -> Path:
     """The SFT start, trained once and cached (a Hugging Face folder)."""
+    final = sft_cache_path(task)
+    with cache_lock(final):
+        return _warm_start(task, tokenizer, problems, progress, final)
+
+
+def _warm_start(
+    task: DefaultTask, tokenizer, problems: list[arithmetic.Problem], progress: bool, final: Path
+) -> Path:
     from miopt.builtin import build_model
     from miopt.data.tokenize import tokenize_examples
     from miopt.sft import SFTOptions, sft_on_examples
 
-    final = sft_cache_path(task)
     if (final / "config.json").is_file():
         print(f"[1/4] SFT start: cached at {final}", file=sys.stderr)
         return final

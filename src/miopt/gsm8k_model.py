@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from miopt.checkpoint import atomic_directory, atomic_write_json, commit_directory
+from miopt.checkpoint import atomic_directory, atomic_write_json, cache_lock, commit_directory
 from miopt.errors import DataError
 from miopt.reference import default_cache_dir
 
@@ -130,10 +130,15 @@ def sft_examples(rows: Sequence[tuple[str, str]], tokenizer, max_length: int):
 
 def warm_start(settings: Gsm8kSFTSettings, progress: bool = True) -> Path:
     """The cached SFT start folder (model and tokenizer); trained on the first call."""
+    final = sft_cache_path(settings)
+    with cache_lock(final):
+        return _warm_start(settings, progress, final)
+
+
+def _warm_start(settings: Gsm8kSFTSettings, progress: bool, final: Path) -> Path:
     from miopt.builtin import build_model
     from miopt.sft import SFTOptions, sft_on_examples
 
-    final = sft_cache_path(settings)
     if (final / "config.json").is_file():
         print(f"GSM8K SFT start: cached at {final}", file=sys.stderr)
         return final
