@@ -27,6 +27,7 @@ from miopt.data.tokenize import TokenizedExample, fingerprint, tokenize_preferen
 from miopt.errors import OptionError
 from miopt.logprobs import DEFAULT_CHUNK_TOKENS, pair_logps, unwrap
 from miopt.loop import LoopOptions, check_loop_options, make_accelerator, run_loop, shards_parameters
+from miopt.objectives.base import masked_mean
 from miopt.packing import PACKINGS, make_batch
 from miopt.plots import plot_training_curves
 from miopt.reference import (
@@ -225,13 +226,13 @@ def make_step_function(
             **objective_kwargs,
         )
         metrics = output.metrics()
-        mask = policy.rejected_mask.to(policy.rejected.dtype)
+        rejected = policy.rejected.detach()
         metrics["logps/chosen"] = policy.chosen.detach().mean()
-        metrics["logps/rejected"] = ((policy.rejected.detach() * mask).sum(-1) / mask.sum(-1)).mean()
+        metrics["logps/rejected"] = masked_mean(rejected, policy.rejected_mask).mean()
         if ref_chosen is not None:
             metrics["logps/chosen_change"] = (policy.chosen.detach() - ref_chosen).mean()
-            metrics["logps/rejected_change"] = (
-                ((policy.rejected.detach() - ref_rejected) * mask).sum(-1) / mask.sum(-1)
+            metrics["logps/rejected_change"] = masked_mean(
+                rejected - ref_rejected, policy.rejected_mask
             ).mean()
         return output.losses.mean(), metrics
 
