@@ -31,10 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
+        text = module.HELP.replace("%", "%%")  # argparse formats help strings with %
         sub = subparsers.add_parser(
             name,
-            help=module.HELP,
-            description=module.HELP,
+            help=text,
+            description=text,
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         module.add_arguments(sub)
