@@ -48,3 +48,19 @@ def test_sft_start_is_cached(tmp_path, monkeypatch, tokenizer):
     assert warm_start(TINY, tokenizer, problems, progress=False) == first
     with pytest.raises(AssertionError):
         warm_start(DefaultTask(sft_problems=256, sft_steps=9), tokenizer, problems, progress=False)
+
+
+def test_eval_arithmetic_default_is_the_default_runs_held_out_split():
+    from miopt.evaluation.tasks import ARITHMETIC_DEFAULTS, load_records
+    from miopt.tasks import arithmetic
+
+    task = DefaultTask()
+    assert ARITHMETIC_DEFAULTS == {
+        "n_train": task.sft_problems + task.preference_prompts,
+        "n_heldout": task.heldout_problems,
+        "seed": task.seed,
+    }
+    _, heldout = arithmetic.generate_splits(
+        task.sft_problems + task.preference_prompts, task.heldout_problems, seed=task.seed
+    )
+    assert [r.prompt for r in load_records("arithmetic", limit=5)] == [p.prompt for p in heldout[:5]]
