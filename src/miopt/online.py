@@ -35,7 +35,6 @@ import random
 import shutil
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,30 +334,20 @@ def sample_responses(
     progress: bool = False,
 ) -> list[list[str]]:
     """``num_samples`` completions per record, cut at the stop strings of its answer type."""
-    from miopt.evaluation.generation import generate
-    from miopt.evaluation.runner import DEFAULT_STOPS
+    from miopt.evaluation.runner import complete_records
 
-    groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
-    for index, record in enumerate(records):
-        groups[tuple(DEFAULT_STOPS.get(record.answer_type, []))].append(index)
-    results: list[list[str]] = [[] for _ in records]
-    for stops, indices in groups.items():
-        outputs = generate(
-            model,
-            tokenizer,
-            [records[i].prompt for i in indices],
-            max_new_tokens=max_new_tokens,
-            stop=list(stops),
-            batch_size=batch_size,
-            num_samples=num_samples,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            progress=progress,
-        )
-        for index, texts in zip(indices, outputs):
-            results[index] = texts
-    return results
+    return complete_records(
+        model,
+        tokenizer,
+        records,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        num_samples=num_samples,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        progress=progress,
+    )
 
 
 def heldout_accuracy(

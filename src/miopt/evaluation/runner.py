@@ -38,6 +38,33 @@ def _render(tokenizer: Any, prompt: str, chat_template: bool, system_prompt: str
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def complete_records(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[EvalRecord],
+    *,
+    prompts: Sequence[str] | None = None,
+    stop: Sequence[str] | None = None,
+    **generate_options: Any,
+) -> list[list[str]]:
+    """Completions of each record (``generate_options`` as :func:`generate` takes them), cut at
+    ``stop`` or else at the stop strings of the record's answer type (:data:`DEFAULT_STOPS`); one
+    :func:`generate` call per stop list. ``prompts`` replaces the records' own prompts (rendered)."""
+    prompts = [record.prompt for record in records] if prompts is None else prompts
+    groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for index, record in enumerate(records):
+        stops = list(stop) if stop is not None else DEFAULT_STOPS.get(record.answer_type, [])
+        groups[tuple(stops)].append(index)
+    results: list[list[str]] = [[] for _ in records]
+    for stops, indices in groups.items():
+        outputs = generate(
+            model, tokenizer, [prompts[i] for i in indices], stop=list(stops), **generate_options
+        )
+        for index, texts in zip(indices, outputs):
+            results[index] = texts
+    return results
+
+
 def _interval(flags: Sequence[bool]) -> list[float]:
     low, high = wilson_interval(sum(map(bool, flags)), len(flags))
     return [low, high]
@@ -84,58 +111,48 @@ def evaluate(
     choice = [index for index, record in enumerate(records) if record.is_choice]
 
     # Generation: one generate() call per stop list (records of one answer type share one).
-    groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
-    for index in generation:
-        record = records[index]
-        stops = (
-            list(stop) if stop is not None else ([] if chat_template else DEFAULT_STOPS[record.answer_type])
-        )
-        groups[tuple(stops)].append(index)
-    sample_flags: dict[int, list[bool]] = {}
-    for stops, indices in groups.items():
-        prompts = [
+    completions = complete_records(
+        model,
+        tokenizer,
+        [records[i] for i in generation],
+        prompts=[
             _render(tokenizer, few_shot_prefix + records[i].prompt, chat_template, system_prompt)
-            for i in indices
-        ]
-        outputs = generate(
-            model,
-            tokenizer,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            stop=list(stops),
-            batch_size=batch_size,
-            num_samples=num_samples,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            add_special_tokens=add_special,
-            progress=progress,
-        )
-        for index, samples in zip(indices, outputs):
-            record = records[index]
-            verdicts = [answers.check(record.answer_type, text, record.gold) for text in samples]
-            flags = [verdict.correct for verdict in verdicts]
-            sample_flags[index] = flags
-            row: dict[str, Any] = {"source": record.source, "prompt": record.prompt}
-            if num_samples == 1:
-                row.update(
-                    output=samples[0], extracted=verdicts[0].extracted, gold=record.gold, correct=flags[0]
-                )
-            else:
-                extracted = [verdict.extracted for verdict in verdicts]
-                vote = majority_vote(
-                    extracted, lambda a, b, kind=record.answer_type: answers.equivalent(kind, a, b)
-                )
-                winner = next((flags[k] for k, value in enumerate(extracted) if value == vote), False)
-                row.update(
-                    output=samples,
-                    extracted=vote,
-                    gold=record.gold,
-                    correct=bool(vote is not None and winner),
-                    sample_extracted=extracted,
-                    sample_correct=flags,
-                )
-            rows[index] = row
+            for i in generation
+        ],
+        stop=stop if stop is not None else ([] if chat_template else None),
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        num_samples=num_samples,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        add_special_tokens=add_special,
+        progress=progress,
+    )
+    sample_flags: dict[int, list[bool]] = {}
+    for index, samples in zip(generation, completions):
+        record = records[index]
+        verdicts = [answers.check(record.answer_type, text, record.gold) for text in samples]
+        flags = [verdict.correct for verdict in verdicts]
+        sample_flags[index] = flags
+        row: dict[str, Any] = {"source": record.source, "prompt": record.prompt}
+        if num_samples == 1:
+            row.update(output=samples[0], extracted=verdicts[0].extracted, gold=record.gold, correct=flags[0])
+        else:
+            extracted = [verdict.extracted for verdict in verdicts]
+            vote = majority_vote(
+                extracted, lambda a, b, kind=record.answer_type: answers.equivalent(kind, a, b)
+            )
+            winner = next((flags[k] for k, value in enumerate(extracted) if value == vote), False)
+            row.update(
+                output=samples,
+                extracted=vote,
+                gold=record.gold,
+                correct=bool(vote is not None and winner),
+                sample_extracted=extracted,
+                sample_correct=flags,
+            )
+        rows[index] = row
 
     # Multiple choice.
     if choice:
