@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from miopt.checkpoint import atomic_write_bytes
-from miopt.data.tokenize import TokenizedExample, collate
+from miopt.data.tokenize import TokenizedExample
 from miopt.logprobs import pair_logps
+from miopt.packing import make_batch
 
 
 def default_cache_dir() -> Path:
@@ -53,8 +54,11 @@ def compute_reference_logps(
     autocast: Callable | None = None,
     progress: bool = True,
     accelerator=None,
+    packing: str = "padded",
 ) -> ReferenceLogps:
-    """Summed response log-probs of every example under ``model`` (eval mode, no gradients).
+    """Summed response log-probs of every example under ``model`` (eval mode, no gradients), in the
+    batch layout ``packing`` (:func:`miopt.packing.make_batch`; training passes its own, so the
+    critic is exactly zero at the first step).
 
     With an ``accelerator`` of several processes, each computes a contiguous share of the examples
     and the shares are gathered, so every process returns the whole result.
@@ -72,7 +76,9 @@ def compute_reference_logps(
     first, last = len(examples) * rank // world, len(examples) * (rank + 1) // world
     starts = range(first, last, batch_size)
     for start in tqdm(starts, desc="reference log-probs", disable=not progress, leave=False):
-        batch = collate(examples[start : min(start + batch_size, last)], pad_token_id).to(device)
+        batch = make_batch(examples[start : min(start + batch_size, last)], pad_token_id, packing, model).to(
+            device
+        )
         context = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
         with context:
             result = pair_logps(model, batch, chunk_tokens=chunk_tokens)

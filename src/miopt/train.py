@@ -314,6 +314,7 @@ def reference_logps(
             autocast=accelerator.autocast,
             progress=options.progress and accelerator.is_main_process,
             accelerator=accelerator,
+            packing=options.packing,
         )
 
     return load_or_compute(path, compute, accelerator)
