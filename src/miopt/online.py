@@ -43,6 +43,7 @@ from typing import Any
 from miopt.checkpoint import atomic_directory, atomic_write_json, atomic_write_text, commit_directory
 from miopt.config import option
 from miopt.errors import DataError, OptionError
+from miopt.evaluation.runner import complete_records
 from miopt.evaluation.tasks import EvalRecord
 from miopt.train import TrainOptions, check_train_options
 
@@ -320,36 +321,6 @@ def load_task(options: OnlineOptions) -> OnlineTask:
     return OnlineTask(pool, heldout, options.max_new_tokens or max_new_tokens)
 
 
-def sample_responses(
-    model: Any,
-    tokenizer: Any,
-    records: Sequence[EvalRecord],
-    *,
-    num_samples: int,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    batch_size: int,
-    seed: int,
-    progress: bool = False,
-) -> list[list[str]]:
-    """``num_samples`` completions per record, cut at the stop strings of its answer type."""
-    from miopt.evaluation.runner import complete_records
-
-    return complete_records(
-        model,
-        tokenizer,
-        records,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        num_samples=num_samples,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        progress=progress,
-    )
-
-
 def heldout_accuracy(
     model: Any,
     tokenizer: Any,
@@ -604,7 +575,7 @@ def run_round(
         task.records[i]
         for i in round_prompts(len(task.records), options.prompts_per_round, index, options.seed)
     ]
-    samples = sample_responses(
+    samples = complete_records(
         model,
         tokenizer,
         records,
@@ -733,5 +704,4 @@ __all__ = [
     "run_online",
     "run_round",
     "sample_metrics",
-    "sample_responses",
 ]

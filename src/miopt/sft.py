@@ -7,7 +7,6 @@ tokens are masked out. This is how a reference model for preference training is 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from miopt.errors import OptionError
 from miopt.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps, unwrap
 from miopt.loop import LoopOptions, check_loop_options, run_loop
 from miopt.plots import plot_training_curves
-from miopt.train import ModelOptions, apply_lora, save_model
+from miopt.train import ModelOptions, apply_lora, load_examples, save_model
 
 
 @dataclass
@@ -79,24 +78,11 @@ def sft_on_examples(
 def sft(options: SFTOptions) -> dict[str, Any]:
     """``miopt sft`` on files: validate all records first, then train and save."""
     from miopt.data import load_sft_records
-    from miopt.models import load_model, load_tokenizer
+    from miopt.models import load_model
 
     check_loop_options(options)
     if not options.model or not options.data:
         raise OptionError("miopt sft needs --model (folder, hub id or 'builtin') and --data")
-    tokenizer = load_tokenizer(options.model)
-    records, report = load_sft_records(options.data, tokenizer, skip_invalid=options.skip_invalid)
-    examples, token_report = tokenize_sft(
-        records,
-        tokenizer,
-        max_length=options.max_length,
-        max_prompt_length=options.max_prompt_length,
-        skip_invalid=options.skip_invalid,
-    )
-    if not examples:
-        raise OptionError(f"{options.data}: no usable records left")
-    print(
-        f"data: {report.kept} records ({report.skipped} skipped); {token_report.describe()}", file=sys.stderr
-    )
+    tokenizer, examples, _, _ = load_examples(options, load_sft_records, tokenize_sft)
     model = load_model(options.model, tokenizer, dtype=options.dtype, seed=options.seed)
     return sft_on_examples(options, model, tokenizer, examples)

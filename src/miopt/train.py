@@ -325,10 +325,36 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def load_examples(options: ModelOptions, load_records, tokenize, *, report: bool = True):
+    """Tokenizer of ``options.model`` and the validated, tokenised records of ``options.data``:
+    ``load_records`` reads and checks them, ``tokenize`` applies the truncation rule. Returns
+    (tokenizer, examples, load report, tokenise report); an empty result is an error."""
+    from miopt.models import load_tokenizer
+
+    tokenizer = load_tokenizer(options.model)
+    records, load_report = load_records(options.data, tokenizer, skip_invalid=options.skip_invalid)
+    examples, token_report = tokenize(
+        records,
+        tokenizer,
+        max_length=options.max_length,
+        max_prompt_length=options.max_prompt_length,
+        skip_invalid=options.skip_invalid,
+    )
+    if not examples:
+        raise OptionError(f"{options.data}: no usable records left")
+    if report:
+        print(
+            f"data: {load_report.kept} records from {options.data} ({load_report.skipped} skipped); "
+            f"{token_report.describe()}",
+            file=sys.stderr,
+        )
+    return tokenizer, examples, load_report, token_report
+
+
 def train(options: TrainOptions) -> dict[str, Any]:
     """Run ``miopt train`` on files: validate everything, then train and save. Returns the summary."""
     from miopt.data import load_preference_records
-    from miopt.models import load_model, load_tokenizer
+    from miopt.models import load_model
 
     check_train_options(options)
     if not options.model:
@@ -338,23 +364,9 @@ def train(options: TrainOptions) -> dict[str, Any]:
     main = _is_main_process()
     if main and options.resume is None and Path(options.output_dir, "summary.json").exists():
         print(f"note: {options.output_dir} holds a finished run; its files will be replaced", file=sys.stderr)
-    tokenizer = load_tokenizer(options.model)
-    records, load_report = load_preference_records(options.data, tokenizer, skip_invalid=options.skip_invalid)
-    examples, token_report = tokenize_preferences(
-        records,
-        tokenizer,
-        max_length=options.max_length,
-        max_prompt_length=options.max_prompt_length,
-        skip_invalid=options.skip_invalid,
+    tokenizer, examples, load_report, token_report = load_examples(
+        options, load_preference_records, tokenize_preferences, report=main
     )
-    if not examples:
-        raise OptionError(f"{options.data}: no usable records left")
-    if main:
-        print(
-            f"data: {load_report.kept} records from {options.data} ({load_report.skipped} skipped); "
-            f"{token_report.describe()}",
-            file=sys.stderr,
-        )
     model = load_model(
         options.model, tokenizer, dtype=options.dtype, seed=options.seed, load_in_4bit=options.load_in_4bit
     )
