@@ -193,11 +193,13 @@ def _rss_mb(field_name: str = "VmRSS") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 7) -> float:
-    """Dense fp32 matmul throughput of this process (median of ``repeats``), GFLOP/s."""
+def matmul_gflops(n: int = 1024, repeats: int = 7, bf16: bool = False) -> float:
+    """Dense matmul throughput of this process (median of ``repeats``), GFLOP/s: fp32, or bf16 when
+    both sides train in bf16 mixed precision (their matmuls then run in bf16)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(2):
         a @ b
     times = []
@@ -262,7 +264,7 @@ def side_trl(spec: dict) -> dict:
             save_strategy="no",
             disable_tqdm=True,
             disable_dropout=True,
-            bf16=False,
+            bf16=spec["bf16"],
             use_cpu=not torch.cuda.is_available(),
             dataloader_num_workers=0,
             dataloader_pin_memory=False,
@@ -304,7 +306,7 @@ def side_miopt(spec: dict) -> dict:
     from miopt.data.records import PreferenceRecord
     from miopt.data.tokenize import tokenize_preferences
     from miopt.logprobs import DEFAULT_CHUNK_TOKENS
-    from miopt.loop import LoopOptions, run_loop
+    from miopt.loop import LoopOptions, make_accelerator, run_loop
     from miopt.reference import compute_reference_logps
     from miopt.train import PreferenceData, make_step_function
 
@@ -321,8 +323,16 @@ def side_miopt(spec: dict) -> dict:
     examples, report = tokenize_preferences(records, tokenizer, max_length=spec["max_length"])
     assert report.truncated == 0 and report.skipped == 0, report.describe()
     pad = tokenizer.pad_token_id
+    accelerator = make_accelerator(spec["bf16"])
     reference = compute_reference_logps(
-        model, examples, pad, batch_size=spec["batch_size"], chunk_tokens=DEFAULT_CHUNK_TOKENS, progress=False
+        model,
+        examples,
+        pad,
+        batch_size=spec["batch_size"],
+        chunk_tokens=DEFAULT_CHUNK_TOKENS,
+        progress=False,
+        autocast=accelerator.autocast,
+        packing=spec["packing"],
     )
     step = make_step_function(
         objectives.get(spec["objective"]),
@@ -345,6 +355,7 @@ def side_miopt(spec: dict) -> dict:
         seed=spec["seed"],
         logging_steps=1,
         progress=False,
+        bf16=spec["bf16"],
     )
     events: list[tuple[float, float]] = []
     start = time.perf_counter()
@@ -353,6 +364,7 @@ def side_miopt(spec: dict) -> dict:
         model=model,
         num_examples=len(examples),
         step_fn=step,
+        accelerator=accelerator,
         on_log=lambda record: events.append((time.perf_counter(), record["loss"])),
     )
     order = training_order(len(examples), spec)
@@ -371,9 +383,9 @@ def run_side(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    before = matmul_gflops()
+    before = matmul_gflops(bf16=spec["bf16"])
     result = side_trl(spec) if spec["side"] == "trl" else side_miopt(spec)
-    after = matmul_gflops()
+    after = matmul_gflops(bf16=spec["bf16"])
     result.update(
         matmul_gflops=(before + after) / 2,
         matmul_gflops_before_after=(before, after),
@@ -536,6 +548,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--packing", default="shared-prompt", help="miopt's layout (shared-prompt, packed, padded)."
     )
+    parser.add_argument(
+        "--bf16", action="store_true", help="bf16 mixed precision on both sides (TRL bf16=True, miopt --bf16)."
+    )
     parser.add_argument("--variants", default="", help="Extra miopt layouts to time too, comma-separated.")
     parser.add_argument("--work-dir", default=None, help="Assets and results (default runs/bench/CONFIG).")
     parser.add_argument(
@@ -574,6 +589,7 @@ def main(argv=None) -> int:
         "learning_rate": config.learning_rate,
         "seed": config.seed,
         "threads": args.threads,
+        "bf16": args.bf16,
     }
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     print(f"{config.name}: {asdict(config)}\nload average before: {_load()}", flush=True)
@@ -643,7 +659,8 @@ def _report(
         }
     measured = steps[config.warmup :]
     print(f"\n== {config.name}: batch {config.batch_size}, {config.objective} (TRL {TRL_LOSS[config.objective]}), "
-          f"{len(runs)} repeat(s), {args.threads} thread(s); medians over repeats of per-run medians ==")  # fmt: skip
+          f"{'bf16' if args.bf16 else 'fp32'}, {len(runs)} repeat(s), {args.threads} thread(s); "
+          f"medians over repeats of per-run medians ==")  # fmt: skip
     print(f"sequence tokens/step {median(s['tokens'] for s in measured):.0f}; positions computed/step: TRL "
           f"{table['trl']['positions_per_step']:.0f}, miopt {table[sides[1]]['positions_per_step']:.0f}")  # fmt: skip
     print(
@@ -668,6 +685,7 @@ def _report(
         "started": started,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "threads": args.threads,
+        "bf16": args.bf16,
         "versions": _versions(),
         "runs": runs,
         "medians": table,

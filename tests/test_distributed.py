@@ -129,6 +129,53 @@ def _assert_same_run(expected: Path, actual: Path, *, loss_tol: float, weight_to
         torch.testing.assert_close(actual_weights[name], tensor, rtol=0, atol=weight_tol, msg=name)
 
 
+SFT_COMMON = (
+    "--learning-rate", "1e-3", "--logging-steps", "1", "--progress", "false", "--max-steps", "4",
+    "--gradient-accumulation-steps", "2",
+)  # fmt: skip
+
+
+def _sft_args(model_dir, data, output, batch_size, *extra):
+    return [
+        "sft", "--model", str(model_dir), "--data", str(data), "--output-dir", str(output),
+        "--batch-size", str(batch_size), *SFT_COMMON, *extra,
+    ]  # fmt: skip
+
+
+def _write_sft_data(pairs: Path, path: Path) -> Path:
+    """Prompt/completion records: the chosen solutions of the pairs file."""
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    path.write_text(
+        "".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n" for r in rows)
+    )
+    return path
+
+
+def assert_same_sft_run(model: Path, data: Path, root: Path, config: str, *extra: str) -> None:
+    """``miopt sft`` on 2 processes under ``config`` (batch 2 each) equals 1 process (batch 4): per-step
+    losses and the saved weights, written once (the summary names the run's step count)."""
+    single, launched_dir = root / "sft-single", root / "sft-launched"
+    assert main(_sft_args(model, data, single, 4, *extra)) == 0
+    launched = _launch(_sft_args(model, data, launched_dir, 2), config=config)
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    expected_rows, actual_rows = _metrics(single), _metrics(launched_dir)
+    assert [row["step"] for row in actual_rows] == [row["step"] for row in expected_rows] == [1, 2, 3, 4]
+    for a, b in zip(expected_rows, actual_rows):
+        for key in ("loss", "logps/completion", "grad_norm", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (a["step"], key)
+    expected, actual = load_file(single / "model.safetensors"), load_file(launched_dir / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=0, atol=5e-5, msg=name)
+    assert json.loads((launched_dir / "summary.json").read_text())["steps"] == 4
+
+
+@needs_gloo
+def test_ddp_sft_matches_one_process_on_the_same_global_batch(runs, tmp_path):
+    data = _write_sft_data(runs.data, tmp_path / "sft.jsonl")
+    assert_same_sft_run(runs.model, data, tmp_path, "ddp.yaml")
+
+
 @needs_gloo
 def test_ddp_two_processes_match_one_process_on_the_same_global_batch(runs):
     # Measured here: per-step losses within 1e-6, weights within 1e-5 (float32 reduction order).

@@ -13,11 +13,19 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from miopt.data.tokenize import SequenceBatch
-from miopt.packing import PackedBatch, check_blocks_used, model_inputs
+from miopt.packing import (
+    SHAPE_MULTIPLE,
+    PackedBatch,
+    check_blocks_used,
+    model_inputs,
+    round_up,
+    rounds_shapes,
+)
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -148,22 +156,26 @@ def chunked_token_logps(hidden: Tensor, targets: Tensor, head: torch.nn.Module, 
     grad = torch.is_grad_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in head.parameters())
     )
+    dtype = _compute_dtype(hidden, head.weight) if fused else None
+    multiple = SHAPE_MULTIPLE if rounds_shapes(hidden.device, hidden.dtype) else 1
     pieces = []
     for start in range(0, hidden.shape[0], chunk_tokens):
-        stop = start + chunk_tokens
+        chunk_hidden, chunk_targets = (
+            hidden[start : start + chunk_tokens],
+            targets[start : start + chunk_tokens],
+        )
+        rows = chunk_hidden.shape[0]
+        padding = round_up(rows, multiple) - rows
+        if padding:  # zero rows whose log-probs are dropped (and so get no gradient)
+            chunk_hidden = F.pad(chunk_hidden, (0, 0, 0, padding))
+            chunk_targets = F.pad(chunk_targets, (0, padding))
         if fused:
-            dtype = _compute_dtype(hidden, head.weight)
-            pieces.append(
-                _LinearTokenLogps.apply(
-                    hidden[start:stop], head.weight, head.bias, targets[start:stop], dtype
-                )
-            )
+            piece = _LinearTokenLogps.apply(chunk_hidden, head.weight, head.bias, chunk_targets, dtype)
         elif grad:
-            pieces.append(
-                checkpoint(_token_logps, hidden[start:stop], targets[start:stop], head, use_reentrant=False)
-            )
+            piece = checkpoint(_token_logps, chunk_hidden, chunk_targets, head, use_reentrant=False)
         else:
-            pieces.append(_token_logps(hidden[start:stop], targets[start:stop], head))
+            piece = _token_logps(chunk_hidden, chunk_targets, head)
+        pieces.append(piece[:rows])
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -118,9 +119,15 @@ def make_accelerator(bf16: bool = False):
     """The run's ``Accelerator`` (DDP, FSDP or DeepSpeed as ``accelerate launch`` configured it),
     refusing set-ups that Accelerate would silently run as something else."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=_distributed_on_cpu())
+    on_cpu, handlers = _distributed_on_cpu(), []
+    if on_cpu and _flag("ACCELERATE_USE_DEEPSPEED"):
+        # DeepSpeed on CPU: Accelerate's CPU mode would drop DeepSpeed (MULTI_CPU), and without it
+        # Accelerate finds no backend and counts one process; naming gloo (DeepSpeed's own choice on
+        # CPU without oneCCL) gives a DeepSpeed run of the launched processes.
+        on_cpu, handlers = False, [InitProcessGroupKwargs(backend="gloo")]
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=on_cpu, kwargs_handlers=handlers)
     kind = accelerator.distributed_type
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and accelerator.num_processes != world:
@@ -134,7 +141,7 @@ def make_accelerator(bf16: bool = False):
             "on GPUs (and other accelerators), not on CPU; use the DDP config there (docs/distributed.md)"
         )
     if _flag("ACCELERATE_USE_DEEPSPEED") and kind != DistributedType.DEEPSPEED:
-        raise OptionError(f"DeepSpeed was requested but Accelerate runs this as {kind.value} (it needs GPUs)")
+        raise OptionError(f"DeepSpeed was requested but Accelerate runs this as {kind.value}")
     return accelerator
 
 
@@ -149,6 +156,51 @@ def shards_parameters(accelerator) -> bool:
     if kind == DistributedType.DEEPSPEED:
         return getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
     return False
+
+
+def sharded_setup(accelerator, *, logprob_chunk: int, merge_lora: bool) -> int:
+    """The log-prob chunk size a run can use under ``accelerator``, refusing what sharded weights
+    (FSDP, ZeRO-3) cannot do. The chunked path calls the output head outside the wrapped forward,
+    where its weight is sharded, so those engines take the full-logits path (0) instead."""
+    if not shards_parameters(accelerator):
+        return logprob_chunk
+    if merge_lora:
+        raise OptionError(
+            f"--merge-lora is not supported with {accelerator.distributed_type.value} (sharded weights); "
+            "save the adapter and merge it afterwards (docs/distributed.md)"
+        )
+    if logprob_chunk > 0 and accelerator.is_main_process:
+        print(
+            f"note: {accelerator.distributed_type.value} shards weights: full-logits log-probs",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def full_state_dict(accelerator, model) -> dict | None:
+    """The whole state dict on the main process when weights are sharded (every process must call this:
+    it is a collective), else None (the model saves its own). Under DeepSpeed the gathering is the
+    engine's (run_loop's prepared model), not the bare module's."""
+    if not shards_parameters(accelerator):
+        return None
+    engine = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    return accelerator.get_state_dict(engine.engine if engine else model)
+
+
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def _fused_adamw(accelerator, parameters: list[torch.nn.Parameter]) -> bool:
+    """Use torch's fused AdamW kernel (one pass over each tensor instead of a dozen elementwise ops;
+    measured 3.5 to 4.7x faster than the default single-tensor loop on CPU, docs/performance.md)
+    when the parameters are plain tensors; sharded engines (FSDP, DeepSpeed) keep the default."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return False
+    return bool(parameters) and all(
+        p.device.type in _FUSED_ADAMW_DEVICES and p.is_floating_point() for p in parameters
+    )
 
 
 def _configure_deepspeed(accelerator, options: LoopOptions) -> None:
@@ -178,11 +230,14 @@ class DataOrder:
         self.rank, self.world = rank, world
         self.per_epoch = max(1, num_examples // global_batch) if num_examples >= global_batch else 1
 
-    def micro_batch(self, index: int) -> list[int]:
+    def global_micro_batch(self, index: int) -> list[int]:
+        """Micro-batch ``index`` of every process together."""
         epoch, position = divmod(index, self.per_epoch)
         order = _epoch_order(self.num_examples, self.seed, epoch)
-        global_indices = order[position * self.global_batch : (position + 1) * self.global_batch]
-        return global_indices[self.rank :: self.world]
+        return order[position * self.global_batch : (position + 1) * self.global_batch]
+
+    def micro_batch(self, index: int) -> list[int]:
+        return self.global_micro_batch(index)[self.rank :: self.world]
 
     def iterate(self, start: int) -> Iterator[list[int]]:
         index = start
@@ -222,8 +277,14 @@ def run_loop(
     stateful: dict[str, Any] | None = None,
     on_log: Callable[[dict[str, float]], None] | None = None,
     accelerator=None,
+    example_weights: Sequence[float] | None = None,
 ) -> LoopResult:
     """Optimise ``model`` with ``step_fn`` over ``num_examples`` examples; returns the logged history.
+
+    ``example_weights``: when ``step_fn`` returns a weighted mean over its micro-batch (e.g. a mean per
+    completion token, weight = tokens), each micro-batch's loss is rescaled so that the optimizer step
+    follows the weighted mean over the whole step, across micro-steps and processes; without it the
+    step follows the plain mean of the micro-batch losses. The logged loss is that rescaled one.
 
     ``stateful`` objects (``state_dict``/``load_state_dict``) are saved in checkpoints and restored
     on resume, next to the model, optimizer, scheduler and RNG states.
@@ -256,6 +317,7 @@ def run_loop(
         lr=options.learning_rate,
         betas=(options.adam_beta1, options.adam_beta2),
         weight_decay=options.weight_decay,
+        fused=_fused_adamw(accelerator, trainable),
     )
     scheduler = get_scheduler(
         options.lr_scheduler,
@@ -308,6 +370,10 @@ def run_loop(
     started = time.perf_counter()
     for step in range(start_step + 1, total_steps + 1):
         step_metrics: list[dict[str, Tensor]] = []
+        step_weight = None
+        if example_weights is not None:
+            micro_indices = range((step - 1) * accumulation, step * accumulation)
+            step_weight = sum(example_weights[i] for m in micro_indices for i in order.global_micro_batch(m))
         for micro in range(accumulation):
             indices = next(batches)
             sync = micro == accumulation - 1
@@ -317,6 +383,10 @@ def run_loop(
             with nullcontext() if sync or deepspeed else accelerator.no_sync(model):
                 with accelerator.autocast():
                     loss, metrics = step_fn(model, indices)
+                if step_weight is not None:
+                    # DDP averages processes and we divide by the micro-steps: undo both, then weigh.
+                    share = sum(example_weights[i] for i in indices) / max(step_weight, 1e-12)
+                    loss = loss * (share * world * accumulation)
                 accelerator.backward(loss if deepspeed else loss / accumulation)
             step_metrics.append({"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}})
             window_examples += len(indices) * world

@@ -35,11 +35,46 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from miopt.data.tokenize import PairRows, SequenceBatch, TokenizedExample, collate
 
 PACKINGS = ("shared-prompt", "packed", "padded")
+
+SHAPE_MULTIPLE = 64
+"""Lengths are rounded up to this multiple where :func:`rounds_shapes` says so."""
+
+
+def rounds_shapes(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether lengths (batch width, attention blocks, scored-token chunks) are rounded up to
+    :data:`SHAPE_MULTIPLE` for tensors of ``dtype`` on ``device`` (or autocast's dtype where autocast
+    is enabled there: float32 tensors, e.g. after RoPE, still reach the kernels in bf16).
+
+    bf16/fp16 matmuls and attention on CPU run oneDNN kernels that are compiled and kept for each
+    distinct shape, and are never freed. We measured about 1 MB per shape for a 128-wide linear layer,
+    3.5 MB with a 32k-vocabulary head, and 4 MB per sequence length in sdpa. A run whose lengths vary from
+    batch to batch therefore grows by gigabytes (docs/performance.md). float32 and GPU kernels keep nothing
+    per shape, so their lengths stay exact.
+    """
+    device_type = torch.device(device).type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    return device_type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+
+
+def round_up(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
+
+
+def _model_rounds_shapes(model) -> bool:
+    """:func:`rounds_shapes` for ``model``'s matmuls: its weights' dtype, or autocast's where enabled."""
+    from miopt.logprobs import unwrap
+
+    if not isinstance(model, torch.nn.Module):
+        return False
+    parameter = next(unwrap(model).parameters(), None)
+    return parameter is not None and rounds_shapes(parameter.device, parameter.dtype)
 
 
 @dataclass
@@ -189,6 +224,7 @@ def collate_packed(
     share_prompt: bool = True,
     attention: str = "mask",
     row_length: int | None = None,
+    pad_to_multiple_of: int = 1,
 ) -> PackedBatch:
     """The padding-free batch of ``examples`` (see the module docstring).
 
@@ -203,6 +239,7 @@ def collate_packed(
 
     ``row_length``: capacity of a row in tokens for ``"mask"``/``"positions"`` (default: the largest unit;
     a larger value fills rows better but costs attention over the masked-out blocks).
+    ``pad_to_multiple_of``: the row width is rounded up to this multiple (:func:`rounds_shapes`).
     """
     if attention not in ("blocks", "mask", "positions"):
         raise ValueError(f"unknown attention layout {attention!r}")
@@ -228,6 +265,7 @@ def collate_packed(
     else:
         bins = _first_fit_decreasing(sizes, max(max(sizes, default=1), row_length or 0))
     width = max(sum(sizes[i] for i in b) for b in bins) if bins else 1
+    width = round_up(width, pad_to_multiple_of)
 
     num_rows = len(bins)
     input_ids = np.full((num_rows, width), pad_token_id, dtype=np.int64)
@@ -275,6 +313,8 @@ def collate_packed(
             if mask is not None:
                 pad = np.arange(offset, width)
                 mask[row, pad, pad] = True
+            if blocks is not None:
+                blocks.append((offset, width, None))
 
     def long(values) -> Tensor:
         return torch.as_tensor(np.asarray(values, dtype=np.int64))
@@ -349,11 +389,20 @@ def make_batch(
     examples: Sequence[TokenizedExample], pad_token_id: int, packing: str, model=None
 ) -> SequenceBatch | PackedBatch:
     """The batch of ``examples`` in layout ``packing``, in the form ``model``'s attention takes
-    (:func:`plan`; without a model, rows with a 4D mask)."""
+    (:func:`plan`; without a model, rows with a 4D mask). Its width is rounded up to
+    :data:`SHAPE_MULTIPLE` when ``model`` runs in bf16/fp16 on CPU (:func:`rounds_shapes`; call this
+    inside the autocast context the forward will run in)."""
     layout, attention = plan(model, packing)
+    multiple = SHAPE_MULTIPLE if _model_rounds_shapes(model) else 1
     if layout == "padded":
-        return collate(examples, pad_token_id)
-    return collate_packed(examples, pad_token_id, share_prompt=layout == "shared-prompt", attention=attention)
+        return collate(examples, pad_token_id, pad_to_multiple_of=multiple)
+    return collate_packed(
+        examples,
+        pad_token_id,
+        share_prompt=layout == "shared-prompt",
+        attention=attention,
+        pad_to_multiple_of=multiple,
+    )
 
 
 def model_inputs(model, batch: PackedBatch) -> dict:
@@ -410,10 +459,20 @@ def install_block_attention() -> None:
         if blocks is None:
             return original(module, query, key, value, attention_mask, *args, **kwargs)
         blocks.calls += 1
-        outputs = [
-            original(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], mask, *args, **kwargs)[0]
-            for a, b, mask in blocks
-        ]
+        multiple = SHAPE_MULTIPLE if rounds_shapes(query.device, query.dtype) else 1
+        outputs = []
+        for a, b, mask in blocks:
+            q, k, v = query[:, :, a:b], key[:, :, a:b], value[:, :, a:b]
+            length = b - a
+            padding = round_up(length, multiple) - length
+            if padding:
+                # appended positions: causal rows never see them; a tree mask is widened to hide them
+                q, k, v = (F.pad(t, (0, 0, 0, padding)) for t in (q, k, v))
+                if mask is not None:
+                    mask = F.pad(mask, (0, padding, 0, padding))
+                    mask[..., length:, length:] = True
+            out = original(module, q, k, v, mask, *args, **kwargs)[0]
+            outputs.append(out[:, :length] if padding else out)
         return torch.cat(outputs, dim=1), None
 
     sdpa_by_blocks.miopt_blocks = True

@@ -76,12 +76,10 @@ def compute_reference_logps(
     first, last = len(examples) * rank // world, len(examples) * (rank + 1) // world
     starts = range(first, last, batch_size)
     for start in tqdm(starts, desc="reference log-probs", disable=not progress, leave=False):
-        batch = make_batch(examples[start : min(start + batch_size, last)], pad_token_id, packing, model).to(
-            device
-        )
         context = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
         with context:
-            result = pair_logps(model, batch, chunk_tokens=chunk_tokens)
+            batch = make_batch(examples[start : min(start + batch_size, last)], pad_token_id, packing, model)
+            result = pair_logps(model, batch.to(device), chunk_tokens=chunk_tokens)
         stop = start + batch.num_prompts
         chosen[start:stop] = result.chosen.float().cpu()
         rejected[start:stop, : result.rejected.shape[1]] = result.rejected.float().cpu()

@@ -15,10 +15,18 @@ from typing import Any
 
 from miopt.checkpoint import atomic_write_json
 from miopt.config import option
-from miopt.data.tokenize import TokenizedExample, collate, tokenize_sft
+from miopt.data.tokenize import TokenizedExample, tokenize_sft
 from miopt.errors import OptionError
 from miopt.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps, unwrap
-from miopt.loop import LoopOptions, check_loop_options, run_loop
+from miopt.loop import (
+    LoopOptions,
+    check_loop_options,
+    full_state_dict,
+    make_accelerator,
+    run_loop,
+    sharded_setup,
+)
+from miopt.packing import make_batch
 from miopt.plots import plot_training_curves
 from miopt.train import ModelOptions, apply_lora, load_examples, save_model
 
@@ -38,10 +46,20 @@ class SFTOptions(ModelOptions, LoopOptions):
     )
 
 
+def completion_tokens(example: TokenizedExample) -> int:
+    """Completion tokens the loss scores (the first token of a completion without a prompt has no
+    position to be predicted from)."""
+    return len(example.chosen_ids) - (0 if example.prompt_ids else 1)
+
+
 def make_sft_step(examples: Sequence[TokenizedExample], *, pad_token_id: int, chunk_tokens: int):
+    """Mean completion-token NLL of a micro-batch; with ``run_loop(example_weights=completion tokens)``
+    each optimizer step follows the mean over all its completion tokens, whatever the number of
+    processes and micro-steps."""
+
     def step(model, indices: Sequence[int]):
         device = next(unwrap(model).parameters()).device
-        batch = collate([examples[i] for i in indices], pad_token_id).to(device)
+        batch = make_batch([examples[i] for i in indices], pad_token_id, "padded", model).to(device)
         result = sequence_logps(model, batch, chunk_tokens=chunk_tokens)
         tokens = result.token_counts.sum().clamp(min=1)
         loss = -result.summed.sum() / tokens
@@ -57,9 +75,21 @@ def sft_on_examples(
     check_loop_options(options)
     if options.lora_r:
         model = apply_lora(model, options)
+    accelerator = make_accelerator(options.bf16)
+    chunk_tokens = sharded_setup(
+        accelerator, logprob_chunk=options.logprob_chunk, merge_lora=options.merge_lora
+    )
     started = time.perf_counter()
-    step = make_sft_step(examples, pad_token_id=tokenizer.pad_token_id, chunk_tokens=options.logprob_chunk)
-    result = run_loop(options, model=model, num_examples=len(examples), step_fn=step)
+    step = make_sft_step(examples, pad_token_id=tokenizer.pad_token_id, chunk_tokens=chunk_tokens)
+    result = run_loop(
+        options,
+        model=model,
+        num_examples=len(examples),
+        step_fn=step,
+        accelerator=accelerator,
+        example_weights=[completion_tokens(example) for example in examples],
+    )
+    state_dict = full_state_dict(accelerator, model) if save else None
     output_dir = Path(options.output_dir)
     summary = {
         "steps": result.steps,
@@ -68,8 +98,8 @@ def sft_on_examples(
         "final": result.history[-1] if result.history else {},
         "options": dataclasses.asdict(options),
     }
-    if save:
-        save_model(model, tokenizer, output_dir, merge_lora=options.merge_lora)
+    if save and accelerator.is_main_process:
+        save_model(model, tokenizer, output_dir, merge_lora=options.merge_lora, state_dict=state_dict)
         plot_training_curves(result.history, output_dir / "curves.png", title="SFT")
         atomic_write_json(output_dir / "summary.json", summary)
     return summary

@@ -26,7 +26,14 @@ from miopt.config import option
 from miopt.data.tokenize import TokenizedExample, fingerprint, tokenize_preferences
 from miopt.errors import OptionError
 from miopt.logprobs import DEFAULT_CHUNK_TOKENS, pair_logps, unwrap
-from miopt.loop import LoopOptions, check_loop_options, make_accelerator, run_loop, shards_parameters
+from miopt.loop import (
+    LoopOptions,
+    check_loop_options,
+    full_state_dict,
+    make_accelerator,
+    run_loop,
+    sharded_setup,
+)
 from miopt.objectives.base import masked_mean
 from miopt.packing import PACKINGS, make_batch
 from miopt.plots import plot_training_curves
@@ -400,22 +407,9 @@ def train_on_examples(
     check_train_options(options)
     accelerator = accelerator or make_accelerator(options.bf16)
     main = accelerator.is_main_process
-    sharded = shards_parameters(accelerator)
-    if sharded and options.merge_lora:
-        raise OptionError(
-            f"--merge-lora is not supported with {accelerator.distributed_type.value} (sharded weights); "
-            "save the adapter and merge it afterwards (docs/distributed.md)"
-        )
-    chunk_tokens = options.logprob_chunk
-    if sharded and chunk_tokens > 0:
-        # The chunked path calls the output head outside the wrapped forward, where its weight is
-        # sharded: take the full-logits path through the wrapped forward instead.
-        chunk_tokens = 0
-        if main:
-            print(
-                f"note: {accelerator.distributed_type.value} shards weights: full-logits log-probs",
-                file=sys.stderr,
-            )
+    chunk_tokens = sharded_setup(
+        accelerator, logprob_chunk=options.logprob_chunk, merge_lora=options.merge_lora
+    )
     objective = objectives.get(options.objective, sft_weight=options.sft_weight)
     started = time.perf_counter()
     reference, cached = None, False
@@ -459,8 +453,7 @@ def train_on_examples(
         on_log=monitor if main else None,
         accelerator=accelerator,
     )
-    # Sharded weights are gathered by every process (a collective) into a full state dict on the main one.
-    state_dict = accelerator.get_state_dict(model) if sharded else None
+    state_dict = full_state_dict(accelerator, model)
     summary: dict[str, Any] = {}
     if main:
         output_dir = Path(options.output_dir)

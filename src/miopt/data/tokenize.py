@@ -194,8 +194,11 @@ class SequenceBatch(PairRows):
         )
 
 
-def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> SequenceBatch:
-    """Build the concatenated, right-padded batch of chosen then rejected sequences."""
+def collate(
+    examples: Sequence[TokenizedExample], pad_token_id: int, *, pad_to_multiple_of: int = 1
+) -> SequenceBatch:
+    """Build the concatenated, right-padded batch of chosen then rejected sequences (width rounded up
+    to ``pad_to_multiple_of``)."""
     rows: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
     for example in examples:
         rows.append((example.prompt_ids, example.chosen_ids))
@@ -206,6 +209,7 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> Sequence
             rows.append((example.prompt_ids, ids))
             rejected_index.append((b, k))
     length = max(len(p) + len(r) for p, r in rows)
+    length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     response_mask = torch.zeros((len(rows), length), dtype=torch.bool)
