@@ -400,18 +400,29 @@ def run_side(spec: dict) -> dict:
 
 
 def batch_accounting(
-    config: Config, model_dir: Path, pairs_file: Path, packing: str, attention: str = "sdpa"
+    config: Config,
+    model_dir: Path,
+    pairs_file: Path,
+    packing: str,
+    attention: str = "sdpa",
+    bf16: bool = False,
 ) -> list[dict]:
-    """Per step: sequence tokens and FLOPs (useful; executed by TRL's padded batch; by miopt's layout)."""
+    """Per step: sequence tokens and FLOPs (useful; executed by TRL's padded batch; by miopt's layout,
+    with its lengths rounded to SHAPE_MULTIPLE in bf16 on CPU, as ``miopt.packing.rounds_shapes`` does)."""
+    import torch
     from transformers import AutoConfig, AutoTokenizer
 
     from miopt.data.records import PreferenceRecord
     from miopt.data.tokenize import collate, tokenize_preferences
-    from miopt.packing import make_batch
+    from miopt.packing import SHAPE_MULTIPLE, make_batch, round_up
 
     model_config = AutoConfig.from_pretrained(model_dir)
-    # the attention implementation a model loaded from this folder gets (sdpa by default), for make_batch
-    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=attention))
+    # what make_batch looks at: the attention implementation a model loaded from this folder gets (sdpa
+    # by default), and a forward that passes keyword arguments on (transformers 5)
+    model = SimpleNamespace(
+        config=SimpleNamespace(_attn_implementation=attention), forward=lambda *args, **kwargs: None
+    )
+    multiple = SHAPE_MULTIPLE if bf16 and not torch.cuda.is_available() else 1
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pairs = [json.loads(line) for line in pairs_file.read_text().splitlines()]
     records = [
@@ -442,11 +453,13 @@ def batch_accounting(
             positions = rows * width
         else:
             r, c = layout.input_ids.shape
+            c = round_up(c, multiple)
             if layout.attention_blocks is not None:  # one row; attention within each unit only
-                pairs_qk = sum((b - a) ** 2 for a, b, _ in layout.attention_blocks)
+                pairs_qk = sum(round_up(b - a, multiple) ** 2 for a, b, _ in layout.attention_blocks)
             else:
                 pairs_qk = r * c * c
-            ours = trunk(r * c, pairs_qk) + head * layout.targets.numel() + 2 * h * v * r
+            scored = round_up(layout.targets.numel(), multiple)
+            ours = trunk(r * c, pairs_qk) + head * scored + 2 * h * v * r
             positions = r * c
         steps.append(
             {
@@ -524,7 +537,17 @@ def _versions() -> dict:
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "deepspeed": _deepspeed_version(),
     }
+
+
+def _deepspeed_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deepspeed")
+    except PackageNotFoundError:
+        return None
 
 
 def _cpu_name() -> str:
@@ -549,7 +572,9 @@ def main(argv=None) -> int:
         "--packing", default="shared-prompt", help="miopt's layout (shared-prompt, packed, padded)."
     )
     parser.add_argument(
-        "--bf16", action="store_true", help="bf16 mixed precision on both sides (TRL bf16=True, miopt --bf16)."
+        "--bf16",
+        action="store_true",
+        help="bf16 mixed precision on both sides (TRL bf16=True, miopt --bf16).",
     )
     parser.add_argument("--variants", default="", help="Extra miopt layouts to time too, comma-separated.")
     parser.add_argument("--work-dir", default=None, help="Assets and results (default runs/bench/CONFIG).")
@@ -578,7 +603,9 @@ def main(argv=None) -> int:
     work = Path(args.work_dir or ROOT / "runs" / "bench" / config.name).resolve()
     model_dir, pairs_file = prepare(config, work)
     layouts = [args.packing] + [v for v in args.variants.split(",") if v and v != args.packing]
-    accounting = {layout: batch_accounting(config, model_dir, pairs_file, layout) for layout in layouts}
+    accounting = {
+        layout: batch_accounting(config, model_dir, pairs_file, layout, bf16=args.bf16) for layout in layouts
+    }
     common = {
         "model": str(model_dir),
         "pairs": str(pairs_file),
@@ -593,6 +620,12 @@ def main(argv=None) -> int:
     }
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     print(f"{config.name}: {asdict(config)}\nload average before: {_load()}", flush=True)
+    if _deepspeed_version():
+        print(
+            "warning: deepspeed is installed; TRL's trainer imports it (miopt does not unless launched with "
+            "it), which adds to TRL's peak RSS: uninstall it for a fair memory comparison",
+            flush=True,
+        )
     runs = []
     for repeat in range(args.repeats):
         sides = ["trl", *[f"miopt:{layout}" for layout in layouts]]
