@@ -55,6 +55,9 @@ class LoopOptions:
     learning_rate: float = option(1e-6, "Peak AdamW learning rate.")
     lr_scheduler: str = option("linear", "Decay after warmup.", choices=["linear", "cosine", "constant"])
     warmup_ratio: float = option(0.1, "Fraction of the steps spent in linear warmup.")
+    min_lr_ratio: float = option(
+        0.0, "With --lr-scheduler cosine: the fraction of the peak learning rate the decay ends at (0: zero)."
+    )
     weight_decay: float = option(0.0, "AdamW weight decay.")
     adam_beta1: float = option(0.9, "AdamW beta1.")
     adam_beta2: float = option(0.999, "AdamW beta2.")
@@ -95,6 +98,10 @@ def check_loop_options(options: LoopOptions) -> None:
         raise OptionError("nothing to train: set --max-steps > 0 or --epochs > 0")
     if options.learning_rate <= 0:
         raise OptionError(f"--learning-rate must be positive, got {options.learning_rate}")
+    if not 0 <= options.min_lr_ratio < 1:
+        raise OptionError(f"--min-lr-ratio must be in [0, 1), got {options.min_lr_ratio}")
+    if options.min_lr_ratio > 0 and options.lr_scheduler != "cosine":
+        raise OptionError(f"--min-lr-ratio applies to --lr-scheduler cosine, not {options.lr_scheduler}")
     if not 0 <= options.warmup_ratio < 1:
         raise OptionError(f"--warmup-ratio must be in [0, 1), got {options.warmup_ratio}")
     if options.logging_steps < 1:
@@ -319,11 +326,13 @@ def run_loop(
         weight_decay=options.weight_decay,
         fused=_fused_adamw(accelerator, trainable),
     )
+    floor = options.lr_scheduler == "cosine" and options.min_lr_ratio > 0
     scheduler = get_scheduler(
-        options.lr_scheduler,
+        "cosine_with_min_lr" if floor else options.lr_scheduler,
         optimizer,
         num_warmup_steps=int(options.warmup_ratio * total_steps),
         num_training_steps=total_steps,
+        scheduler_specific_kwargs={"min_lr_rate": options.min_lr_ratio} if floor else None,
     )
     if deepspeed:
         _configure_deepspeed(accelerator, options)
