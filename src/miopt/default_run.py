@@ -55,7 +55,7 @@ DEFAULT_PREFERENCE_OPTIONS = {
 
 
 def sft_cache_path(task: DefaultTask) -> Path:
-    settings = json.dumps(dataclasses.asdict(task), sort_keys=True) + "|sft-v1"
+    settings = json.dumps(dataclasses.asdict(task), sort_keys=True) + "|sft-v2"
     return default_cache_dir() / "default-sft" / hashlib.sha256(settings.encode()).hexdigest()[:16]
 
 
