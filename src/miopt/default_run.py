@@ -35,6 +35,7 @@ class DefaultTask:
     sft_steps: int = 600
     sft_batch_size: int = 64
     sft_learning_rate: float = 2e-3
+    sft_min_lr_ratio: float = 0.0
     max_length: int = 128
     max_new_tokens: int = 64
 
@@ -95,6 +96,7 @@ def _warm_start(
         batch_size=task.sft_batch_size,
         learning_rate=task.sft_learning_rate,
         lr_scheduler="cosine",
+        min_lr_ratio=task.sft_min_lr_ratio,
         warmup_ratio=0.05,
         logging_steps=50,
         seed=task.seed,
