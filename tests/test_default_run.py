@@ -26,6 +26,10 @@ def test_default_pipeline_reports_both_accuracies_and_writes_outputs(tmp_path, c
     assert (out / "model.safetensors").is_file() and (out / "curves.png").is_file()
     printed = capsys.readouterr().out
     assert "SFT start" in printed and str(out) in printed
+    for key in ("sft_start", "final"):
+        low, high = saved[f"{key}_accuracy_interval_95"]
+        assert low <= saved[f"{key}_accuracy"] <= high and high - low > 0.05  # 64 problems: a wide interval
+        assert f"{key} [{low:.1%}, {high:.1%}]" in printed
 
 
 def test_flags_given_by_the_user_win_over_the_default_settings(tmp_path):

@@ -137,6 +137,7 @@ def run_default(
     """The whole default pipeline; flags in ``explicit`` keep the user's value over the defaults above."""
     from miopt.builtin import build_tokenizer
     from miopt.evaluation import evaluate_arithmetic
+    from miopt.evaluation.metrics import wilson_interval
     from miopt.models import load_model
 
     task = task or DefaultTask()
@@ -183,11 +184,17 @@ def run_default(
 
     print("[4/4] held-out accuracy of the result", file=sys.stderr)
     final_accuracy = evaluate_arithmetic(model, tokenizer, heldout)
+    intervals = {
+        name: wilson_interval(round(value * len(heldout)), len(heldout))
+        for name, value in (("sft_start", sft_accuracy), ("final", final_accuracy))
+    }
     summary.update(
         {
             "heldout_problems": len(heldout),
             "sft_start_accuracy": sft_accuracy,
             "final_accuracy": final_accuracy,
+            "sft_start_accuracy_interval_95": intervals["sft_start"],
+            "final_accuracy_interval_95": intervals["final"],
             "sft_model": str(sft_dir),
             "pairs": len(examples),
             "total_seconds": round(time.perf_counter() - started, 1),
@@ -198,6 +205,10 @@ def run_default(
     print(
         f"\nheld-out accuracy ({len(heldout)} problems, greedy): SFT start {sft_accuracy:.1%} -> "
         f"{options.objective} {final_accuracy:.1%}"
+    )
+    print(
+        "95% intervals (Wilson): "
+        + ", ".join(f"{name} [{low:.1%}, {high:.1%}]" for name, (low, high) in intervals.items())
     )
     print(
         f"chosen log-prob change {summary['final'].get('logps/chosen_change', float('nan')):+.2f} nats, "
