@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from miopt.data.tokenize import PairRows, SequenceBatch, TokenizedExample, collate
+from miopt.data.tokenize import PairRows, SequenceBatch, TokenizedExample, collate, round_up
 
 PACKINGS = ("shared-prompt", "packed", "padded")
 
@@ -61,10 +61,6 @@ def rounds_shapes(device: torch.device | str, dtype: torch.dtype) -> bool:
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
     return device_type == "cpu" and dtype in (torch.bfloat16, torch.float16)
-
-
-def round_up(length: int, multiple: int) -> int:
-    return -(-length // multiple) * multiple
 
 
 def _model_rounds_shapes(model) -> bool:

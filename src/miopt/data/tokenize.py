@@ -194,6 +194,11 @@ class SequenceBatch(PairRows):
         )
 
 
+def round_up(length: int, multiple: int) -> int:
+    """``length`` rounded up to a multiple of ``multiple``."""
+    return -(-length // multiple) * multiple
+
+
 def collate(
     examples: Sequence[TokenizedExample], pad_token_id: int, *, pad_to_multiple_of: int = 1
 ) -> SequenceBatch:
@@ -208,8 +213,7 @@ def collate(
         for k, ids in enumerate(example.rejected_ids):
             rows.append((example.prompt_ids, ids))
             rejected_index.append((b, k))
-    length = max(len(p) + len(r) for p, r in rows)
-    length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    length = round_up(max(len(p) + len(r) for p, r in rows), pad_to_multiple_of)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     response_mask = torch.zeros((len(rows), length), dtype=torch.bool)
