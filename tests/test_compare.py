@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from miopt.compare import (
     COLUMNS,
@@ -15,7 +14,6 @@ from miopt.compare import (
     TABLE_MD,
     ArithPreset,
     CompareOptions,
-    continued_sft,
     run_compare,
 )
 from miopt.default_run import DefaultTask
@@ -70,22 +68,6 @@ def test_compare_writes_table_with_documented_columns_and_plots(tmp_path):
     before = (output / "runs" / "dpo-seed0" / "metrics.jsonl").stat().st_mtime_ns
     run_compare(options, preset=tiny_preset())
     assert (output / "runs" / "dpo-seed0" / "metrics.jsonl").stat().st_mtime_ns == before
-
-
-def test_continued_sft_control_is_the_sft_loss_and_leaves_rejected_without_gradient():
-    chosen = torch.tensor([-10.0, -20.0], requires_grad=True)
-    rejected = torch.tensor([[-12.0], [-18.0]], requires_grad=True)
-    reference = torch.tensor([-11.0, -19.0]), torch.tensor([[-12.0], [-19.0]])
-    lengths = torch.tensor([4, 6])
-    output = continued_sft(chosen, rejected, *reference, beta=0.5, chosen_lengths=lengths)
-    # The batch mean is miopt.sft's loss: -(sum of chosen log-probs) / (chosen tokens in the batch).
-    assert torch.isclose(output.losses.mean(), torch.tensor(30.0 / 10))
-    output.losses.mean().backward()
-    assert torch.allclose(chosen.grad, torch.full((2,), -1.0 / 10))
-    assert rejected.grad is None
-    metrics = output.metrics()
-    assert torch.isclose(metrics["rewards/chosen"], torch.tensor(0.0))  # 0.5 * mean(+1, -1)
-    assert torch.isclose(metrics["rewards/accuracies"], torch.tensor(0.5))
 
 
 def test_compare_rejects_unknown_objectives_before_any_work(tmp_path):

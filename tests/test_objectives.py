@@ -79,7 +79,8 @@ def random_logps(n: int, seed: int, *, k: int | None = None):
 
 
 def grads(loss: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return torch.autograd.grad(loss, tensors, allow_unused=False)
+    # An input the loss does not use (the sft objective's rejected log-probs) has gradient 0.
+    return torch.autograd.grad(loss, tensors, materialize_grads=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ def test_finite_values_and_gradients_for_extreme_critics(name, dtype):
             rejected_lengths=torch.ones_like(rejected),
         )
         assert out.losses.dtype == dtype
-        g_w, g_l = torch.autograd.grad(out.losses.sum(), (t_w, t_l))
+        g_w, g_l = torch.autograd.grad(out.losses.sum(), (t_w, t_l), materialize_grads=True)
         for label, value in {
             "losses": out.losses,
             "grad chosen": g_w,
@@ -675,3 +676,20 @@ def test_bco_offset_is_running_mean_of_rewards():
         call("bco", t_w, t_neg, objective=restored).losses,
         call("bco", t_w, t_neg, objective=objective).losses,
     )
+
+
+def test_sft_objective_is_the_sft_loss_and_leaves_rejected_without_gradient():
+    chosen = torch.tensor([-10.0, -20.0], requires_grad=True)
+    rejected = torch.tensor([[-12.0], [-18.0]], requires_grad=True)
+    reference = torch.tensor([-11.0, -19.0]), torch.tensor([[-12.0], [-19.0]])
+    lengths = torch.tensor([4, 6])
+    output = get("sft")(chosen, rejected, *reference, beta=0.5, chosen_lengths=lengths)
+    # Per prompt, the chosen response's mean token NLL: 10 / 4 and 20 / 6.
+    assert torch.allclose(output.losses, torch.tensor([10.0 / 4, 20.0 / 6]))
+    output.losses.mean().backward()
+    assert torch.allclose(chosen.grad, torch.tensor([-1.0 / 8, -1.0 / 12]))
+    assert torch.allclose(output.chosen_grad_weight, torch.tensor([1.0 / (0.5 * 4), 1.0 / (0.5 * 6)]))
+    assert rejected.grad is None
+    metrics = output.metrics()
+    assert torch.isclose(metrics["rewards/chosen"], torch.tensor(0.0))  # 0.5 * mean(+1, -1)
+    assert torch.isclose(metrics["rewards/accuracies"], torch.tensor(0.5))

@@ -339,7 +339,7 @@ def check_compare_options(options: CompareOptions) -> None:
         raise OptionError("--objectives needs at least one name")
     if len(set(options.objectives)) != len(options.objectives):
         raise OptionError(f"--objectives repeats a name: {' '.join(options.objectives)}")
-    valid = [*objectives.available(), SFT_CONTROL]
+    valid = objectives.available()
     unknown = [name for name in options.objectives if name not in valid]
     if unknown:
         raise OptionError(f"unknown objective(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
@@ -375,81 +375,6 @@ def preset_from_options(options: CompareOptions):
     if options.sft_steps:
         sft = dataclasses.replace(sft, sft_steps=options.sft_steps)
     return Gsm8kPreset(data_dir=options.data_dir, sft=sft, overrides=overrides, eval_limit=options.eval_limit)
-
-
-# ---------------------------------------------------------------------------------------------
-# The continued-SFT control
-
-
-def continued_sft(
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    *,
-    beta: float,
-    rejected_mask=None,
-    chosen_lengths,
-):
-    """Continued SFT on the chosen responses, in the objective signature (so the same step function
-    logs the same diagnostics): losses whose batch mean is :mod:`miopt.sft`'s loss,
-    ``-sum_b log pi(y_w,b) / sum_b |y_w,b|``. Diagnostics (critic values, pair accuracy,
-    ``mi_bound``) are DPO's at the same ``beta``; the rejected responses get no gradient."""
-    from miopt.objectives import dv
-
-    output = dv(
-        policy_chosen_logps.detach(),
-        policy_rejected_logps.detach(),
-        ref_chosen_logps,
-        ref_rejected_logps,
-        beta=beta,
-        rejected_mask=rejected_mask,
-    )
-    batch = policy_chosen_logps.shape[0]
-    tokens = chosen_lengths.to(policy_chosen_logps.dtype).sum().clamp(min=1)
-    output.losses = -policy_chosen_logps * (batch / tokens)
-    # -dL/dT_w with T_w = beta (log pi - log pi_ref): (B / tokens) / beta per prompt.
-    output.chosen_grad_weight = (batch / (tokens * beta)).detach().expand_as(output.chosen_rewards)
-    output.rejected_grad_weight = torch.zeros_like(output.chosen_rewards)
-    return output
-
-
-def train_sft_control(options, model, tokenizer, examples: list[TokenizedExample]) -> dict[str, Any]:
-    """:func:`miopt.train.train_on_examples` with :func:`continued_sft` in place of an objective."""
-    from accelerate import Accelerator
-
-    from miopt.loop import check_loop_options, run_loop
-    from miopt.plots import plot_training_curves
-    from miopt.train import PreferenceData, make_step_function, reference_logps, save_model
-
-    check_loop_options(options)
-    accelerator = Accelerator(mixed_precision="bf16" if options.bf16 else "no")
-    started = time.perf_counter()
-    reference, cached = reference_logps(options, model, examples, tokenizer.pad_token_id, accelerator)
-    step = make_step_function(
-        continued_sft,
-        PreferenceData(examples, reference),
-        beta=options.beta,
-        pad_token_id=tokenizer.pad_token_id,
-        chunk_tokens=options.logprob_chunk,
-    )
-    result = run_loop(options, model=model, num_examples=len(examples), step_fn=step, accelerator=accelerator)
-    output_dir = Path(options.output_dir)
-    save_model(model, tokenizer, output_dir)
-    plot_training_curves(result.history, output_dir / "curves.png", title="continued SFT on chosen (control)")
-    summary = {
-        "objective": SFT_CONTROL,
-        "beta": options.beta,
-        "steps": result.steps,
-        "examples": len(examples),
-        "reference_cached": cached,
-        "seconds": round(time.perf_counter() - started, 2),
-        "first": result.history[0] if result.history else {},
-        "final": result.history[-1] if result.history else {},
-        "options": dataclasses.asdict(options),
-    }
-    atomic_write_json(output_dir / "summary.json", summary)
-    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,12 +455,9 @@ def run_one(
         progress=progress,
     )
     model = load_model(str(prepared.sft_dir))
-    if objective == SFT_CONTROL:
-        train_sft_control(options, model, prepared.tokenizer, prepared.examples)
-    else:
-        train_on_examples(
-            options, model, prepared.tokenizer, prepared.examples, extra_summary={"compare_seed": seed}
-        )
+    train_on_examples(
+        options, model, prepared.tokenizer, prepared.examples, extra_summary={"compare_seed": seed}
+    )
     history = _read_metrics(run_dir / "metrics.jsonl")
     final_accuracy = prepared.evaluate(model)
     result = {
@@ -870,6 +792,5 @@ __all__ = [
     "CompareOptions",
     "Gsm8kPreset",
     "Prepared",
-    "continued_sft",
     "run_compare",
 ]

@@ -18,7 +18,7 @@ from torch import Tensor
 from miopt.objectives.base import Objective, ObjectiveOutput, accepts
 from miopt.objectives.baselines import BCO, hinge, ipo, robust, simpo
 from miopt.objectives.estimators import dv, js, nwj
-from miopt.objectives.sft import with_sft_term
+from miopt.objectives.sft import continued_sft, with_sft_term
 
 # name -> the objective, or a class whose instance is the objective (stateful objectives).
 _REGISTRY: dict[str, Callable[..., ObjectiveOutput] | type] = {
@@ -32,6 +32,7 @@ _REGISTRY: dict[str, Callable[..., ObjectiveOutput] | type] = {
     "robust": robust,
     "simpo": simpo,
     "bco": BCO,
+    "sft": continued_sft,  # the continued-SFT control: NLL of the chosen responses only
 }
 
 
@@ -103,6 +104,7 @@ __all__ = [
     "UnknownObjectiveError",
     "available",
     "compute",
+    "continued_sft",
     "dv",
     "get",
     "hinge",
