@@ -24,7 +24,7 @@ from miopt import objectives
 from miopt.checkpoint import atomic_directory, atomic_write_json, move_files_into
 from miopt.config import option
 from miopt.data.tokenize import TokenizedExample, fingerprint, tokenize_preferences
-from miopt.errors import OptionError
+from miopt.errors import OptionError, require
 from miopt.logprobs import DEFAULT_CHUNK_TOKENS, pair_logps, unwrap
 from miopt.loop import (
     LoopOptions,
@@ -44,6 +44,7 @@ from miopt.reference import (
     default_cache_dir,
     load_or_compute,
 )
+from miopt.run_folder import RunFolder
 
 
 @dataclass
@@ -136,17 +137,46 @@ def objective_options(options: TrainOptions) -> dict[str, Any]:
     return chosen
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_model_options(options: ModelOptions) -> None:
+    """Range checks of the model, truncation and LoRA options (``train`` and ``sft``)."""
+    o = options
+    require(o.dtype is None or o.dtype in DTYPES, "--dtype", f"one of {', '.join(DTYPES)}", o.dtype)
+    require(o.max_length >= 2, "--max-length", ">= 2", o.max_length)
+    if o.max_prompt_length is not None:
+        rule = f"in [1, --max-length - 1 = {o.max_length - 1}]"
+        require(1 <= o.max_prompt_length < o.max_length, "--max-prompt-length", rule, o.max_prompt_length)
+    require(o.lora_r >= 0, "--lora-r", ">= 0 (0: train all weights)", o.lora_r)
+    require(o.lora_alpha > 0, "--lora-alpha", "> 0", o.lora_alpha)
+    require(0 <= o.lora_dropout < 1, "--lora-dropout", "in [0, 1)", o.lora_dropout)
+    require(o.logprob_chunk >= 0, "--logprob-chunk", ">= 0 (0: full logits)", o.logprob_chunk)
+
+
 def check_train_options(options: TrainOptions) -> None:
     check_loop_options(options)
+    check_model_options(options)
     if options.objective not in objectives.available():
         raise OptionError(
             f"unknown objective {options.objective!r}; valid objectives: {', '.join(objectives.available())}"
         )
+    o = options
+    negatives = ("marginal", "rejected")
+    require(
+        o.negatives is None or o.negatives in negatives, "--negatives", "marginal or rejected", o.negatives
+    )
+    smoothing = o.label_smoothing
+    require(smoothing is None or 0 <= smoothing < 0.5, "--label-smoothing", "in [0, 0.5)", smoothing)
     objective_options(options)
-    if options.beta <= 0:
-        raise OptionError(f"--beta must be positive, got {options.beta}")
-    if options.max_length < 2:
-        raise OptionError("--max-length must be >= 2")
+    require(o.beta > 0, "--beta", "> 0", o.beta)
+    require(o.sft_weight >= 0, "--sft-weight", ">= 0", o.sft_weight)
+    require(
+        o.chosen_decline_warning >= 0,
+        "--chosen-decline-warning",
+        ">= 0 (0 disables)",
+        o.chosen_decline_warning,
+    )
     if options.merge_lora and not options.lora_r:
         raise OptionError("--merge-lora needs --lora-r > 0")
     if options.load_in_4bit:
@@ -168,8 +198,9 @@ class ChosenDeclineMonitor:
     """Warns once when the chosen log-prob has fallen ``margin`` nats below the reference:
     the late-training decline of DPO that MIO exists to prevent (theory.md section 2)."""
 
-    def __init__(self, margin: float, stream=None) -> None:
+    def __init__(self, margin: float, stream=None, objective: str = "") -> None:
         self.margin, self.stream, self.warned_at = margin, stream, None
+        self.objective = objective
 
     def __call__(self, record: dict[str, float]) -> None:
         change = record.get("logps/chosen_change")
@@ -177,10 +208,13 @@ class ChosenDeclineMonitor:
             return
         if change < -self.margin:
             self.warned_at = int(record["step"])
+            remedies = "a smaller learning rate or --sft-weight"
+            if self.objective not in ("mio", "js"):
+                remedies = f"--objective mio, {remedies}"
             print(
                 f"\nWARNING: step {self.warned_at}: chosen log-prob is {change:.2f} nats below the reference "
                 f"(threshold {self.margin}). The preferred responses are losing likelihood; this is the decline "
-                "MIO (--objective mio) is designed to prevent. Consider mio, a smaller learning rate or --sft-weight.",
+                f"MIO (--objective mio) is designed to prevent. Consider {remedies}.",
                 file=self.stream or sys.stderr,
                 flush=True,
             )
@@ -324,7 +358,8 @@ def reference_logps(
             packing=options.packing,
         )
 
-    return load_or_compute(path, compute, accelerator)
+    shape = (len(examples), max(len(example.rejected_ids) for example in examples))
+    return load_or_compute(path, compute, accelerator, shape=shape)
 
 
 def _is_main_process() -> bool:
@@ -369,29 +404,34 @@ def train(options: TrainOptions) -> dict[str, Any]:
     if not options.data:
         raise OptionError("--data is required with --model")
     main = _is_main_process()
-    if main and options.resume is None and Path(options.output_dir, "summary.json").exists():
-        print(f"note: {options.output_dir} holds a finished run; its files will be replaced", file=sys.stderr)
-    tokenizer, examples, load_report, token_report = load_examples(
-        options, load_preference_records, tokenize_preferences, report=main
-    )
-    model = load_model(
-        options.model, tokenizer, dtype=options.dtype, seed=options.seed, load_in_4bit=options.load_in_4bit
-    )
-    # Created after the model is loaded: with DeepSpeed ZeRO-3 an earlier Accelerator would make
-    # from_pretrained partition the weights, and the reference pass needs them whole.
-    accelerator = make_accelerator(options.bf16)
-    return train_on_examples(
-        options,
-        model,
-        tokenizer,
-        examples,
-        accelerator=accelerator,
-        extra_summary={
-            "data": options.data,
-            "skipped_records": load_report.skipped,
-            "truncated_records": token_report.truncated,
-        },
-    )
+    with RunFolder(options, main_process=main) as folder:
+        folder.check()
+        tokenizer, examples, load_report, token_report = load_examples(
+            options, load_preference_records, tokenize_preferences, report=main
+        )
+        model = load_model(
+            options.model,
+            tokenizer,
+            dtype=options.dtype,
+            seed=options.seed,
+            load_in_4bit=options.load_in_4bit,
+        )
+        # Created after the model is loaded: with DeepSpeed ZeRO-3 an earlier Accelerator would make
+        # from_pretrained partition the weights, and the reference pass needs them whole.
+        accelerator = make_accelerator(options.bf16)
+        folder.start()
+        return train_on_examples(
+            options,
+            model,
+            tokenizer,
+            examples,
+            accelerator=accelerator,
+            extra_summary={
+                "data": options.data,
+                "skipped_records": load_report.skipped,
+                "truncated_records": token_report.truncated,
+            },
+        )
 
 
 def train_on_examples(
@@ -442,7 +482,7 @@ def train_on_examples(
         objective_kwargs=objective_options(options),
         packing=options.packing,
     )
-    monitor = ChosenDeclineMonitor(options.chosen_decline_warning)
+    monitor = ChosenDeclineMonitor(options.chosen_decline_warning, objective=options.objective)
     stateful = {"objective": objective} if hasattr(objective, "state_dict") else {}
     result = run_loop(
         options,
