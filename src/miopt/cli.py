@@ -31,11 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
-        text = module.HELP.replace("%", "%%")  # argparse formats help strings with %
         sub = subparsers.add_parser(
             name,
-            help=text,
-            description=text,
+            help=module.HELP.replace("%", "%%"),  # argparse %-formats help strings, not descriptions
+            description=module.HELP,
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         module.add_arguments(sub)

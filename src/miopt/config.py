@@ -62,7 +62,7 @@ def _owner_groups(parser: argparse.ArgumentParser, schema: type) -> dict[str, ar
         doc = cls.__dict__.get("__doc__") or ""
         if doc.startswith(f"{cls.__name__}("):  # the signature dataclasses puts where no docstring is
             doc = ""
-        title = (doc or cls.__name__).strip().splitlines()[0].rstrip(".").replace("``", "")
+        title = (doc or "options").strip().splitlines()[0].rstrip(".").replace("``", "")
         group = parser.add_argument_group(title)
         for name in cls.__dict__.get("__annotations__", {}):
             groups.setdefault(name, group)
