@@ -292,3 +292,16 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(full_run, capsys):
     assert _resume(full_run, folder) == 0
     assert "dropped a torn last line" in capsys.readouterr().err
     _assert_same_result(full_run.out, folder)
+
+
+def test_online_refuses_a_used_folder_unless_overwrite(tmp_path):
+    from miopt.errors import OptionError
+    from miopt.online import ROUNDS_FILE, OnlineOptions, prepare_output
+
+    folder = tmp_path / "online"
+    folder.mkdir()
+    (folder / ROUNDS_FILE).write_text('{"round": 0}\n')
+    with pytest.raises(OptionError, match="--overwrite to replace it"):
+        prepare_output(OnlineOptions(output_dir=str(folder)))
+    assert prepare_output(OnlineOptions(output_dir=str(folder), overwrite=True)) == (None, [], -1)
+    assert not (folder / ROUNDS_FILE).exists()

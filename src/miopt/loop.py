@@ -39,6 +39,7 @@ from miopt.engine import (  # noqa: F401 - re-exported: jobs import the set-up f
 )
 from miopt.errors import MioptError, OptionError, require
 from miopt.metrics_sink import METRICS_FILE, MetricsSink  # noqa: F401 - METRICS_FILE re-exported
+from miopt.run_folder import check_output_dir
 
 # (model, example indices of this process's micro-batch) -> (loss, {metric name: scalar tensor})
 StepFunction = Callable[[Any, Sequence[int]], tuple[Tensor, dict[str, Tensor]]]
@@ -103,8 +104,6 @@ class LoopResult:
 
 def check_loop_options(options: LoopOptions) -> None:
     """Fail fast on values no run can use (before anything is loaded or written)."""
-    from miopt.run_folder import check_output_dir
-
     check_finite_floats(options)
     o = options
     require(o.batch_size >= 1, "--batch-size", ">= 1", o.batch_size)

@@ -188,25 +188,31 @@ class RunFolder:
         return stored
 
     def _lock(self) -> None:
-        if self._lock_handle is not None:
-            return
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock
-            return
-        handle = open(self.path / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise OptionError(
-                f"{self.path} is in use by another miopt process (pid {holder}); wait for it to finish "
-                "or choose another --output-dir"
-            ) from None
+        if self._lock_handle is None:
+            self._lock_handle = lock_output_dir(self.path)
+
+
+def lock_output_dir(path: Path):
+    """Hold ``path/.miopt.lock`` (``flock``, released when the returned file is closed or the
+    process ends); OptionError naming the holder's pid when another process holds it. None where
+    ``fcntl`` is missing (not POSIX): no lock there."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    handle = open(Path(path) / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self._lock_handle = handle
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise OptionError(
+            f"{path} is in use by another miopt process (pid {holder}); wait for it to finish "
+            "or choose another --output-dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle

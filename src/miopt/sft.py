@@ -26,10 +26,11 @@ from miopt.loop import (
     run_loop,
     sharded_setup,
 )
+from miopt.option_checks import check_model_options
 from miopt.packing import make_batch
 from miopt.plots import plot_training_curves
 from miopt.run_folder import RunFolder
-from miopt.train import ModelOptions, apply_lora, check_model_options, load_examples, save_model
+from miopt.train import ModelOptions, apply_lora, load_examples, save_model
 
 
 @dataclass

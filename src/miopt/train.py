@@ -24,7 +24,7 @@ from miopt import objectives
 from miopt.checkpoint import atomic_directory, atomic_write_json, move_files_into
 from miopt.config import option
 from miopt.data.tokenize import TokenizedExample, fingerprint, tokenize_preferences
-from miopt.errors import OptionError, require
+from miopt.errors import OptionError
 from miopt.logprobs import DEFAULT_CHUNK_TOKENS, pair_logps, unwrap
 from miopt.loop import (
     LoopOptions,
@@ -35,6 +35,7 @@ from miopt.loop import (
     sharded_setup,
 )
 from miopt.objectives.base import masked_mean
+from miopt.option_checks import check_model_options, check_preference_ranges
 from miopt.packing import PACKINGS, make_batch
 from miopt.plots import plot_training_curves
 from miopt.reference import (
@@ -137,23 +138,6 @@ def objective_options(options: TrainOptions) -> dict[str, Any]:
     return chosen
 
 
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def check_model_options(options: ModelOptions) -> None:
-    """Range checks of the model, truncation and LoRA options (``train`` and ``sft``)."""
-    o = options
-    require(o.dtype is None or o.dtype in DTYPES, "--dtype", f"one of {', '.join(DTYPES)}", o.dtype)
-    require(o.max_length >= 2, "--max-length", ">= 2", o.max_length)
-    if o.max_prompt_length is not None:
-        rule = f"in [1, --max-length - 1 = {o.max_length - 1}]"
-        require(1 <= o.max_prompt_length < o.max_length, "--max-prompt-length", rule, o.max_prompt_length)
-    require(o.lora_r >= 0, "--lora-r", ">= 0 (0: train all weights)", o.lora_r)
-    require(o.lora_alpha > 0, "--lora-alpha", "> 0", o.lora_alpha)
-    require(0 <= o.lora_dropout < 1, "--lora-dropout", "in [0, 1)", o.lora_dropout)
-    require(o.logprob_chunk >= 0, "--logprob-chunk", ">= 0 (0: full logits)", o.logprob_chunk)
-
-
 def check_train_options(options: TrainOptions) -> None:
     check_loop_options(options)
     check_model_options(options)
@@ -161,22 +145,8 @@ def check_train_options(options: TrainOptions) -> None:
         raise OptionError(
             f"unknown objective {options.objective!r}; valid objectives: {', '.join(objectives.available())}"
         )
-    o = options
-    negatives = ("marginal", "rejected")
-    require(
-        o.negatives is None or o.negatives in negatives, "--negatives", "marginal or rejected", o.negatives
-    )
-    smoothing = o.label_smoothing
-    require(smoothing is None or 0 <= smoothing < 0.5, "--label-smoothing", "in [0, 0.5)", smoothing)
+    check_preference_ranges(options)
     objective_options(options)
-    require(o.beta > 0, "--beta", "> 0", o.beta)
-    require(o.sft_weight >= 0, "--sft-weight", ">= 0", o.sft_weight)
-    require(
-        o.chosen_decline_warning >= 0,
-        "--chosen-decline-warning",
-        ">= 0 (0 disables)",
-        o.chosen_decline_warning,
-    )
     if options.merge_lora and not options.lora_r:
         raise OptionError("--merge-lora needs --lora-r > 0")
     if options.load_in_4bit:
