@@ -84,7 +84,7 @@ def test_bad_values_are_refused_before_the_model_is_loaded(
     assert not out.exists()
 
 
-def test_non_utf8_input_and_an_output_file_are_clean_errors_for_eval_and_gsm8k_pairs(tmp_path, capsys):
+def test_non_utf8_input_and_an_output_file_are_clean_errors_for_every_command(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(
         json.dumps({"question": "1+1?", "ground_truth": "1+1=2. A: 2"}).encode()
@@ -106,6 +106,8 @@ def test_non_utf8_input_and_an_output_file_are_clean_errors_for_eval_and_gsm8k_p
             ["data", "gsm8k-pairs", "--input", str(bad), "--output-dir", str(tmp_path / "pairs")],
             "bad.jsonl:2",
         ),
+        "compare output file": (["compare", "--output-dir", str(a_file)], "is a file, not a folder"),
+        "toy output file": (["toy", "--output-dir", str(a_file)], "is a file, not a folder"),
         "pairs output file": (
             ["data", "gsm8k-pairs", "--input", str(bad), "--output-dir", str(a_file)],
             "is a file, not a folder",

@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "output_dir", None):  # every command: a file there is an error before any work
+            from miopt.run_folder import check_output_dir
+
+            check_output_dir(args.output_dir)
         return int(args._run(args) or 0)
     except MioptError as error:
         print(f"miopt {args.command}: error: {error}", file=sys.stderr)

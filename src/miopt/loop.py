@@ -303,7 +303,8 @@ class _Optimisation:
         norm = "" if grad_norm is None else f", gradient norm {float(grad_norm):.4g}"
         raise NonFiniteError(
             f"step {step}: non-finite loss or gradient (loss {[round(float(x), 4) for x in losses]}{norm}); "
-            f"stopped before the optimizer step, no final model saved; {_newest_checkpoint_note(self.options)}"
+            f"stopped before the optimizer step, no final model saved; {_newest_checkpoint_note(self.options)}; "
+            "a smaller --learning-rate or --beta, or clipping (--max-grad-norm), usually avoids it"
         )
 
     def step(self, step: int, rows: list[dict[str, Tensor]]) -> None:
@@ -340,7 +341,7 @@ def _newest_checkpoint_note(options: LoopOptions) -> str:
     newest = latest_checkpoint(options.output_dir)
     if newest is None:
         return "no checkpoint was written"
-    return f"the newest checkpoint, {newest}, holds finite weights (resume it with a smaller --learning-rate)"
+    return f"the newest checkpoint, {newest}, holds the last finite weights"
 
 
 def _save(options: LoopOptions, accelerator, model, step: int) -> None:
