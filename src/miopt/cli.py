@@ -31,11 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
-        text = module.HELP.replace("%", "%%")  # argparse formats help strings with %
         sub = subparsers.add_parser(
             name,
-            help=text,
-            description=text,
+            help=module.HELP.replace("%", "%%"),  # argparse %-formats help strings, not descriptions
+            description=module.HELP,
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         module.add_arguments(sub)
@@ -50,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "output_dir", None):  # every command: a file there is an error before any work
+            from miopt.run_folder import check_output_dir
+
+            check_output_dir(args.output_dir)
         return int(args._run(args) or 0)
     except MioptError as error:
         print(f"miopt {args.command}: error: {error}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -58,11 +59,38 @@ def _owner_groups(parser: argparse.ArgumentParser, schema: type) -> dict[str, ar
     for cls in schema.__mro__:
         if not dataclasses.is_dataclass(cls):
             continue
-        title = (cls.__doc__ or cls.__name__).strip().splitlines()[0].rstrip(".").replace("``", "")
+        doc = cls.__dict__.get("__doc__") or ""
+        if doc.startswith(f"{cls.__name__}("):  # the signature dataclasses puts where no docstring is
+            doc = ""
+        title = (doc or "options").strip().splitlines()[0].rstrip(".").replace("``", "")
         group = parser.add_argument_group(title)
         for name in cls.__dict__.get("__annotations__", {}):
             groups.setdefault(name, group)
     return groups
+
+
+def finite_float(text: str) -> float:
+    """argparse type of float options: a finite number (NaN and infinity are refused up front)."""
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from error
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def check_finite_floats(options: Any) -> None:
+    """Every float option of the dataclass ``options`` is finite (flags, YAML and code alike)."""
+    hints = typing.get_type_hints(type(options))
+    for field in dataclasses.fields(options):
+        kind, is_list = _base_type(hints[field.name])
+        value = getattr(options, field.name)
+        if kind is not float or value is None:
+            continue
+        for item in value if is_list else [value]:
+            if isinstance(item, int | float) and not math.isfinite(item):
+                raise ConfigError(f"--{field.name.replace('_', '-')} must be a finite number, got {item!r}")
 
 
 def add_options(parser: argparse.ArgumentParser, schema: type) -> None:
@@ -83,6 +111,7 @@ def add_options(parser: argparse.ArgumentParser, schema: type) -> None:
             if key in field.metadata:
                 kwargs[key] = field.metadata[key]
         target = groups.get(field.name, parser)
+        kind = finite_float if kind is float else kind
         if kind is bool:
             target.add_argument(flag, type=_parse_bool, nargs="?", const=True, metavar="BOOL", **kwargs)
         elif is_list:
@@ -121,7 +150,9 @@ def resolve(schema: type[T], args: argparse.Namespace | dict[str, Any] | None = 
         for key, value in from_file.items():
             values[key] = _coerce(value, hints[key], f"{config_path}: option {key!r}")
     values.update({key: value for key, value in given.items() if key in names})
-    return schema(**values)
+    options = schema(**values)
+    check_finite_floats(options)
+    return options
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

@@ -24,3 +24,9 @@ class DataError(MioptError):
 
 class OptionError(MioptError):
     """A bad option value (unknown objective, missing model path, ...)."""
+
+
+def require(accepted: bool, flag: str, rule: str, value: object) -> None:
+    """Raise ``OptionError("FLAG must be RULE, got VALUE")`` unless ``accepted``."""
+    if not accepted:
+        raise OptionError(f"{flag} must be {rule}, got {value!r}")

@@ -3,14 +3,13 @@
 The loop knows nothing of objectives: it asks a step function for a loss and a dict of
 scalar metrics on a list of example indices, and owns everything around it: data order,
 gradient accumulation, clipping, AdamW with warmup and a linear or cosine schedule, mixed
-precision, logging to ``metrics.jsonl``, atomic checkpoints and exact resume.
+precision, the non-finite guard, and (through :mod:`miopt.checkpoint` and
+:mod:`miopt.metrics_sink`) atomic checkpoints, exact resume and ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,22 +22,32 @@ import torch
 from torch import Tensor
 
 from miopt.checkpoint import (
-    STATE_FILE,
-    atomic_directory,
-    atomic_write_json,
-    atomic_write_text,
-    checkpoint_dir,
-    commit_directory,
+    CHECKPOINT_PREFIX,
     latest_checkpoint,
-    prune_checkpoints,
     read_state,
+    remove_stale_temporaries,
+    resume_checkpoint,
+    save_checkpoint,
 )
-from miopt.config import option
-from miopt.errors import OptionError
+from miopt.config import check_finite_floats, option
+from miopt.engine import (  # noqa: F401 - re-exported: jobs import the set-up from the loop
+    full_state_dict,
+    fused_adamw,
+    make_accelerator,
+    sharded_setup,
+    shards_parameters,
+)
+from miopt.errors import MioptError, OptionError, require
+from miopt.metrics_sink import METRICS_FILE, MetricsSink  # noqa: F401 - METRICS_FILE re-exported
+from miopt.run_folder import check_output_dir
 
 # (model, example indices of this process's micro-batch) -> (loss, {metric name: scalar tensor})
 StepFunction = Callable[[Any, Sequence[int]], tuple[Tensor, dict[str, Tensor]]]
-METRICS_FILE = "metrics.jsonl"
+SEED_LIMIT = 2**32 - 1
+
+
+class NonFiniteError(MioptError):
+    """A loss, gradient norm or weight became NaN or infinite: the run stops before it is used."""
 
 
 @dataclass
@@ -46,9 +55,11 @@ class LoopOptions:
     """Options of the optimisation loop (shared by ``train`` and ``sft``)."""
 
     output_dir: str = option(
-        "runs/miopt", "Folder for metrics.jsonl, checkpoints, the final model and summary."
+        "runs/miopt",
+        "Folder for metrics.jsonl, checkpoints, the final model and summary (one run per folder).",
     )
-    max_steps: int = option(-1, "Optimizer steps to run; -1 derives them from --epochs.")
+    overwrite: bool = option(False, "Remove another run's files from --output-dir before starting.")
+    max_steps: int = option(-1, "Optimizer steps to run (>= 1); -1 derives them from --epochs.")
     epochs: float = option(1.0, "Passes over the data (used when --max-steps is -1).")
     batch_size: int = option(8, "Prompts per device per micro-step.")
     gradient_accumulation_steps: int = option(1, "Micro-steps accumulated per optimizer step.")
@@ -58,9 +69,9 @@ class LoopOptions:
     min_lr_ratio: float = option(
         0.0, "With --lr-scheduler cosine: the fraction of the peak learning rate the decay ends at (0: zero)."
     )
-    weight_decay: float = option(0.0, "AdamW weight decay.")
-    adam_beta1: float = option(0.9, "AdamW beta1.")
-    adam_beta2: float = option(0.999, "AdamW beta2.")
+    weight_decay: float = option(0.0, "AdamW weight decay (>= 0).")
+    adam_beta1: float = option(0.9, "AdamW beta1, in [0, 1).")
+    adam_beta2: float = option(0.999, "AdamW beta2, in [0, 1).")
     max_grad_norm: float = option(1.0, "Gradient clipping by global norm (0 disables).")
     seed: int = option(42, "Seed of data order, initialisation and sampling.")
     bf16: bool = option(
@@ -69,10 +80,11 @@ class LoopOptions:
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
     logging_steps: int = option(10, "Append a line to metrics.jsonl every N optimizer steps.")
     save_steps: int = option(0, "Write a checkpoint every N optimizer steps (0: none but the final model).")
-    save_total_limit: int = option(2, "Checkpoints kept (oldest removed first).")
+    save_total_limit: int = option(2, "Checkpoints kept (oldest removed first; 0 keeps all).")
     resume: str | None = option(
         None,
-        "Resume from a checkpoint folder, or 'latest' (the newest in --output-dir); bare --resume = latest.",
+        "Resume from a checkpoint folder, or 'latest' (the newest intact one in --output-dir; none yet: "
+        "start from scratch); bare --resume = latest.",
         nargs="?",
         const="latest",
     )
@@ -92,122 +104,32 @@ class LoopResult:
 
 def check_loop_options(options: LoopOptions) -> None:
     """Fail fast on values no run can use (before anything is loaded or written)."""
-    if options.batch_size < 1 or options.gradient_accumulation_steps < 1:
-        raise OptionError("--batch-size and --gradient-accumulation-steps must be >= 1")
-    if options.max_steps == 0 or (options.max_steps < 0 and options.epochs <= 0):
-        raise OptionError("nothing to train: set --max-steps > 0 or --epochs > 0")
-    if options.learning_rate <= 0:
-        raise OptionError(f"--learning-rate must be positive, got {options.learning_rate}")
-    if not 0 <= options.min_lr_ratio < 1:
-        raise OptionError(f"--min-lr-ratio must be in [0, 1), got {options.min_lr_ratio}")
-    if options.min_lr_ratio > 0 and options.lr_scheduler != "cosine":
-        raise OptionError(f"--min-lr-ratio applies to --lr-scheduler cosine, not {options.lr_scheduler}")
-    if not 0 <= options.warmup_ratio < 1:
-        raise OptionError(f"--warmup-ratio must be in [0, 1), got {options.warmup_ratio}")
-    if options.logging_steps < 1:
-        raise OptionError("--logging-steps must be >= 1")
-
-
-def _distributed_on_cpu() -> bool:
-    """Launched as several processes (``torchrun``, ``accelerate launch --multi_gpu``) on a machine
-    without an accelerator: Accelerate then needs ``cpu=True`` to join them with gloo; without it
-    each process would silently train alone."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    devices = getattr(torch, "accelerator", None)
-    return not (devices.is_available() if devices is not None else torch.cuda.is_available())
-
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
-
-
-def make_accelerator(bf16: bool = False):
-    """The run's ``Accelerator`` (DDP, FSDP or DeepSpeed as ``accelerate launch`` configured it),
-    refusing set-ups that Accelerate would silently run as something else."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, InitProcessGroupKwargs
-
-    on_cpu, handlers = _distributed_on_cpu(), []
-    if on_cpu and _flag("ACCELERATE_USE_DEEPSPEED"):
-        # DeepSpeed on CPU: Accelerate's CPU mode would drop DeepSpeed (MULTI_CPU), and without it
-        # Accelerate finds no backend and counts one process; naming gloo (DeepSpeed's own choice on
-        # CPU without oneCCL) gives a DeepSpeed run of the launched processes.
-        on_cpu, handlers = False, [InitProcessGroupKwargs(backend="gloo")]
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=on_cpu, kwargs_handlers=handlers)
-    kind = accelerator.distributed_type
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and accelerator.num_processes != world:
-        raise OptionError(
-            f"launched as {world} processes but Accelerate set up {accelerator.num_processes} "
-            f"({kind.value}); each would train alone"
-        )
-    if _flag("ACCELERATE_USE_FSDP") and kind != DistributedType.FSDP:
-        raise OptionError(
-            f"FSDP was requested but Accelerate runs this as {kind.value}: Accelerate enables FSDP only "
-            "on GPUs (and other accelerators), not on CPU; use the DDP config there (docs/distributed.md)"
-        )
-    if _flag("ACCELERATE_USE_DEEPSPEED") and kind != DistributedType.DEEPSPEED:
-        raise OptionError(f"DeepSpeed was requested but Accelerate runs this as {kind.value}")
-    return accelerator
-
-
-def shards_parameters(accelerator) -> bool:
-    """Whether parameters live sharded outside the forward pass (FSDP, DeepSpeed ZeRO-3): then the
-    output head cannot be called on its own and the full state dict must be gathered to save."""
-    from accelerate.utils import DistributedType
-
-    kind = getattr(accelerator, "distributed_type", DistributedType.NO)
-    if kind == DistributedType.FSDP:
-        return True
-    if kind == DistributedType.DEEPSPEED:
-        return getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
-    return False
-
-
-def sharded_setup(accelerator, *, logprob_chunk: int, merge_lora: bool) -> int:
-    """The log-prob chunk size a run can use under ``accelerator``, refusing what sharded weights
-    (FSDP, ZeRO-3) cannot do. The chunked path calls the output head outside the wrapped forward,
-    where its weight is sharded, so those engines take the full-logits path (0) instead."""
-    if not shards_parameters(accelerator):
-        return logprob_chunk
-    if merge_lora:
-        raise OptionError(
-            f"--merge-lora is not supported with {accelerator.distributed_type.value} (sharded weights); "
-            "save the adapter and merge it afterwards (docs/distributed.md)"
-        )
-    if logprob_chunk > 0 and accelerator.is_main_process:
-        print(
-            f"note: {accelerator.distributed_type.value} shards weights: full-logits log-probs",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def full_state_dict(accelerator, model) -> dict | None:
-    """The whole state dict on the main process when weights are sharded (every process must call this:
-    it is a collective), else None (the model saves its own). Under DeepSpeed the gathering is the
-    engine's (run_loop's prepared model), not the bare module's."""
-    if not shards_parameters(accelerator):
-        return None
-    engine = getattr(accelerator, "deepspeed_engine_wrapped", None)
-    return accelerator.get_state_dict(engine.engine if engine else model)
-
-
-_FUSED_ADAMW_DEVICES = ("cpu", "cuda")
-
-
-def _fused_adamw(accelerator, parameters: list[torch.nn.Parameter]) -> bool:
-    """Use torch's fused AdamW kernel (one pass over each tensor instead of a dozen elementwise ops;
-    measured 3.5 to 4.7x faster than the default single-tensor loop on CPU, docs/performance.md)
-    when the parameters are plain tensors; sharded engines (FSDP, DeepSpeed) keep the default."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return False
-    return bool(parameters) and all(
-        p.device.type in _FUSED_ADAMW_DEVICES and p.is_floating_point() for p in parameters
+    check_finite_floats(options)
+    o = options
+    require(o.batch_size >= 1, "--batch-size", ">= 1", o.batch_size)
+    require(
+        o.gradient_accumulation_steps >= 1,
+        "--gradient-accumulation-steps",
+        ">= 1",
+        o.gradient_accumulation_steps,
     )
+    require(o.max_steps == -1 or o.max_steps >= 1, "--max-steps", "-1 (use --epochs) or >= 1", o.max_steps)
+    if o.max_steps == -1:
+        require(o.epochs > 0, "--epochs", "> 0 (or set --max-steps)", o.epochs)
+    require(o.learning_rate > 0, "--learning-rate", "> 0", o.learning_rate)
+    require(0 <= o.min_lr_ratio < 1, "--min-lr-ratio", "in [0, 1)", o.min_lr_ratio)
+    if o.min_lr_ratio > 0 and o.lr_scheduler != "cosine":
+        raise OptionError(f"--min-lr-ratio applies to --lr-scheduler cosine, not {o.lr_scheduler}")
+    require(0 <= o.warmup_ratio < 1, "--warmup-ratio", "in [0, 1)", o.warmup_ratio)
+    require(o.weight_decay >= 0, "--weight-decay", ">= 0", o.weight_decay)
+    require(0 <= o.adam_beta1 < 1, "--adam-beta1", "in [0, 1)", o.adam_beta1)
+    require(0 <= o.adam_beta2 < 1, "--adam-beta2", "in [0, 1)", o.adam_beta2)
+    require(o.max_grad_norm >= 0, "--max-grad-norm", ">= 0 (0 disables clipping)", o.max_grad_norm)
+    require(0 <= o.seed <= SEED_LIMIT, "--seed", f"in [0, {SEED_LIMIT}]", o.seed)
+    require(o.logging_steps >= 1, "--logging-steps", ">= 1", o.logging_steps)
+    require(o.save_steps >= 0, "--save-steps", ">= 0 (0: no checkpoints)", o.save_steps)
+    require(o.save_total_limit >= 0, "--save-total-limit", ">= 0 (0 keeps all)", o.save_total_limit)
+    check_output_dir(o.output_dir)
 
 
 def _configure_deepspeed(accelerator, options: LoopOptions) -> None:
@@ -253,26 +175,184 @@ class DataOrder:
             index += 1
 
 
-def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys = {key for row in rows for key in row}
-    return {
-        key: sum(row[key] for row in rows if key in row) / sum(key in row for row in rows) for key in keys
-    }
+def _total_steps(options: LoopOptions, order: DataOrder) -> int:
+    if options.max_steps > 0:
+        return options.max_steps
+    return max(1, math.ceil(options.epochs * order.per_epoch / options.gradient_accumulation_steps))
 
 
-def _metrics_path(output_dir: Path) -> Path:
-    return output_dir / METRICS_FILE
+def _set_up_optimizer(options: LoopOptions, model, accelerator, total_steps: int):
+    """(prepared model, prepared AdamW, schedule): warmup, then linear, cosine (to a floor) or constant."""
+    from accelerate.utils import DistributedType
+    from transformers import get_scheduler
+
+    if options.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=options.learning_rate,
+        betas=(options.adam_beta1, options.adam_beta2),
+        weight_decay=options.weight_decay,
+        fused=fused_adamw(accelerator, trainable),
+    )
+    floor = options.lr_scheduler == "cosine" and options.min_lr_ratio > 0
+    scheduler = get_scheduler(
+        "cosine_with_min_lr" if floor else options.lr_scheduler,
+        optimizer,
+        num_warmup_steps=int(options.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs={"min_lr_rate": options.min_lr_ratio} if floor else None,
+    )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _configure_deepspeed(accelerator, options)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler is stepped once per optimizer step by us (Accelerate's wrapper would step it
+    # once per process), and saved with the checkpoint.
+    accelerator.register_for_checkpointing(scheduler)
+    return model, optimizer, scheduler
 
 
-def _truncate_metrics(output_dir: Path, step: int) -> list[dict[str, float]]:
-    """Keep the metrics lines of steps <= ``step`` (those a resumed run would not write again)."""
-    path = _metrics_path(output_dir)
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [row for row in rows if row.get("step", 0) <= step]
-    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
-    return rows
+def _resume(options: LoopOptions, accelerator, output_dir: Path) -> int | None:
+    """Load the checkpoint ``--resume`` names (the newest intact one for 'latest') and return its
+    step; None for a fresh run, also when --resume finds no checkpoint yet (said on stderr)."""
+    if not options.resume:
+        return None
+    source = resume_checkpoint(output_dir, options.resume)
+    if source is None:
+        if accelerator.is_main_process:
+            print(f"--resume: no checkpoint in {output_dir} yet; starting from scratch", file=sys.stderr)
+        return None
+    try:
+        accelerator.load_state(str(source))
+        step = int(read_state(source)["step"])
+    except Exception as error:  # noqa: BLE001 - any failure names the checkpoint, not a traceback
+        raise MioptError(f"--resume: cannot load {source}: {type(error).__name__}: {error}") from error
+    if accelerator.is_main_process:
+        print(f"resumed from {source} (step {step})", file=sys.stderr)
+    return step
+
+
+def weights_finite(model, accelerator) -> bool:
+    """Whether every parameter is finite (on every process); one host synchronisation."""
+    flags = [torch.isfinite(p.detach()).all() for p in model.parameters() if p.numel()]
+    bad = (~torch.stack(flags).all()).float() if flags else torch.zeros(())
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad.to(accelerator.device), "sum")
+    return not bool(bad)
+
+
+class _Optimisation:
+    """One run's prepared pieces and its optimizer steps: accumulate micro-batches, guard against
+    non-finite values, clip, step."""
+
+    def __init__(self, options: LoopOptions, accelerator, model, optimizer, scheduler, order: DataOrder):
+        from accelerate.utils import DistributedType
+
+        self.options, self.accelerator, self.order = options, accelerator, order
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.world, self.accumulation = accelerator.num_processes, options.gradient_accumulation_steps
+
+    def _step_weight(self, step: int, example_weights: Sequence[float] | None) -> float | None:
+        if example_weights is None:
+            return None
+        micro = range((step - 1) * self.accumulation, step * self.accumulation)
+        return sum(example_weights[i] for m in micro for i in self.order.global_micro_batch(m))
+
+    def accumulate(
+        self, step: int, batches: Iterator[list[int]], step_fn: StepFunction, example_weights
+    ) -> tuple[list[dict[str, Tensor]], int]:
+        """Forward and backward over the step's micro-batches; (metrics per micro-batch, examples)."""
+        accelerator, rows, examples = self.accelerator, [], 0
+        step_weight = self._step_weight(step, example_weights)
+        for micro in range(self.accumulation):
+            indices = next(batches)
+            sync = micro == self.accumulation - 1
+            if self.deepspeed:
+                # The engine accumulates (dividing by its own count) and steps when told it is the last.
+                accelerator.gradient_state._set_sync_gradients(sync)
+            with nullcontext() if sync or self.deepspeed else accelerator.no_sync(self.model):
+                with accelerator.autocast():
+                    loss, metrics = step_fn(self.model, indices)
+                if step_weight is not None:
+                    # DDP averages processes and we divide by the micro-steps: undo both, then weigh.
+                    share = sum(example_weights[i] for i in indices) / max(step_weight, 1e-12)
+                    loss = loss * (share * self.world * self.accumulation)
+                if self.deepspeed:  # the engine steps inside backward: check before it
+                    self.guard(step, loss.detach().reshape(1), None)
+                accelerator.backward(loss if self.deepspeed else loss / self.accumulation)
+            rows.append({"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}})
+            examples += len(indices) * self.world
+        return rows, examples
+
+    def guard(self, step: int, losses: Tensor, grad_norm: Tensor | None) -> None:
+        """Stop the run (NonFiniteError) when a loss or the gradient norm is NaN or infinite, on any
+        process, before the optimizer step could write it into the weights."""
+        bad = ~torch.isfinite(losses.float()).all()
+        if grad_norm is not None:
+            bad = bad | ~torch.isfinite(grad_norm.float())
+        bad = bad.float()
+        if self.world > 1:
+            bad = self.accelerator.reduce(bad.to(self.accelerator.device), "sum")
+        if not bool(bad):
+            return
+        norm = "" if grad_norm is None else f", gradient norm {float(grad_norm):.4g}"
+        raise NonFiniteError(
+            f"step {step}: non-finite loss or gradient (loss {[round(float(x), 4) for x in losses]}{norm}); "
+            f"stopped before the optimizer step, no final model saved; {_newest_checkpoint_note(self.options)}; "
+            "a smaller --learning-rate or --beta, or clipping (--max-grad-norm), usually avoids it"
+        )
+
+    def step(self, step: int, rows: list[dict[str, Tensor]]) -> None:
+        """Clip (or just measure) the gradient norm, guard, then the optimizer and schedule steps."""
+        limit = self.options.max_grad_norm if self.options.max_grad_norm > 0 else math.inf
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), limit)
+        if grad_norm is not None and not torch.is_tensor(grad_norm):
+            grad_norm = torch.tensor(float(grad_norm))
+        if not self.deepspeed:
+            self.guard(step, torch.stack([row["loss"].float().reshape(()) for row in rows]), grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if grad_norm is not None:
+            for row in rows:
+                row["grad_norm"] = grad_norm.detach()
+
+    def record(self, step: int, window: list[dict[str, Tensor]], examples: int, seconds: float) -> dict:
+        """The logged row of a window of steps: metrics averaged over it and across processes.
+        The loop's only host synchronisation besides the guard."""
+        stacked = {key: torch.stack([row[key].float() for row in window]).mean() for key in window[0]}
+        reduced = {
+            key: self.accelerator.reduce(value.to(self.accelerator.device), "mean")
+            for key, value in stacked.items()
+        }
+        record = {"step": step, **{key: float(value) for key, value in sorted(reduced.items())}}
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        record["pairs_per_second"] = examples / max(seconds, 1e-9)
+        record["epoch"] = step * self.accumulation / self.order.per_epoch
+        return record
+
+
+def _newest_checkpoint_note(options: LoopOptions) -> str:
+    newest = latest_checkpoint(options.output_dir)
+    if newest is None:
+        return "no checkpoint was written"
+    return f"the newest checkpoint, {newest}, holds the last finite weights"
+
+
+def _save(options: LoopOptions, accelerator, model, step: int) -> None:
+    """A checkpoint at ``step``, refused when the weights are no longer finite (so a good older one is
+    never pruned for it)."""
+    if not weights_finite(model, accelerator):
+        raise NonFiniteError(
+            f"step {step}: the weights are no longer finite; checkpoint not written, "
+            f"{_newest_checkpoint_note(options)}"
+        )
+    save_checkpoint(accelerator, Path(options.output_dir), step, options.save_total_limit)
 
 
 def run_loop(
@@ -294,78 +374,34 @@ def run_loop(
     step follows the plain mean of the micro-batch losses. The logged loss is that rescaled one.
 
     ``stateful`` objects (``state_dict``/``load_state_dict``) are saved in checkpoints and restored
-    on resume, next to the model, optimizer, scheduler and RNG states.
+    on resume, next to the model, optimizer, scheduler and RNG states. A non-finite loss, gradient
+    norm or weight raises :class:`NonFiniteError` before it reaches the weights or a checkpoint.
     """
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     output_dir = Path(options.output_dir)
     accelerator = accelerator or make_accelerator(options.bf16)
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     set_seed(options.seed)
     world = accelerator.num_processes
-    global_batch = options.batch_size * world
-    order = DataOrder(num_examples, global_batch, options.seed, accelerator.process_index, world)
-    accumulation = options.gradient_accumulation_steps
-    if options.max_steps > 0:
-        total_steps = options.max_steps
-    else:
-        total_steps = max(1, math.ceil(options.epochs * order.per_epoch / accumulation))
-
-    if options.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable,
-        lr=options.learning_rate,
-        betas=(options.adam_beta1, options.adam_beta2),
-        weight_decay=options.weight_decay,
-        fused=_fused_adamw(accelerator, trainable),
+    order = DataOrder(
+        num_examples, options.batch_size * world, options.seed, accelerator.process_index, world
     )
-    floor = options.lr_scheduler == "cosine" and options.min_lr_ratio > 0
-    scheduler = get_scheduler(
-        "cosine_with_min_lr" if floor else options.lr_scheduler,
-        optimizer,
-        num_warmup_steps=int(options.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-        scheduler_specific_kwargs={"min_lr_rate": options.min_lr_ratio} if floor else None,
-    )
-    if deepspeed:
-        _configure_deepspeed(accelerator, options)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # The scheduler is stepped once per optimizer step by us (Accelerate's wrapper would step it
-    # once per process), and saved with the checkpoint.
-    accelerator.register_for_checkpointing(scheduler)
+    total_steps = _total_steps(options, order)
+    model, optimizer, scheduler = _set_up_optimizer(options, model, accelerator, total_steps)
     for state in (stateful or {}).values():
         accelerator.register_for_checkpointing(state)
+    if accelerator.is_main_process:
+        remove_stale_temporaries(output_dir, prefix=f".{CHECKPOINT_PREFIX}")
+    resumed = _resume(options, accelerator, output_dir)
+    start_step = resumed or 0
+    sink = MetricsSink(
+        output_dir, main_process=accelerator.is_main_process, report_to=options.report_to, on_log=on_log
+    )
+    history = sink.start(resumed)
+    run = _Optimisation(options, accelerator, model, optimizer, scheduler, order)
 
-    start_step = 0
-    history: list[dict[str, float]] = []
-    if options.resume:
-        source = latest_checkpoint(output_dir) if options.resume == "latest" else Path(options.resume)
-        if source is None:
-            raise OptionError(f"--resume: no checkpoint in {output_dir}")
-        if not (source / STATE_FILE).is_file():
-            raise OptionError(f"--resume: {source} is not a complete checkpoint")
-        accelerator.load_state(str(source))
-        start_step = int(read_state(source)["step"])
-        if accelerator.is_main_process:
-            history = _truncate_metrics(output_dir, start_step)
-    elif accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        _metrics_path(output_dir).unlink(missing_ok=True)
-
-    writer = None
-    if options.report_to == "tensorboard" and accelerator.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(output_dir / "tensorboard"))
-
-    batches = order.iterate(start_step * accumulation)
+    batches = order.iterate(start_step * run.accumulation)
     progress = tqdm(
         total=total_steps,
         initial=start_step,
@@ -374,98 +410,26 @@ def run_loop(
         dynamic_ncols=True,
     )
     window: list[dict[str, Tensor]] = []
-    window_examples = 0
-    window_start = time.perf_counter()
-    started = time.perf_counter()
+    window_examples, window_start, started = 0, time.perf_counter(), time.perf_counter()
     for step in range(start_step + 1, total_steps + 1):
-        step_metrics: list[dict[str, Tensor]] = []
-        step_weight = None
-        if example_weights is not None:
-            micro_indices = range((step - 1) * accumulation, step * accumulation)
-            step_weight = sum(example_weights[i] for m in micro_indices for i in order.global_micro_batch(m))
-        for micro in range(accumulation):
-            indices = next(batches)
-            sync = micro == accumulation - 1
-            if deepspeed:
-                # The engine accumulates (dividing by its own count) and steps when told it is the last.
-                accelerator.gradient_state._set_sync_gradients(sync)
-            with nullcontext() if sync or deepspeed else accelerator.no_sync(model):
-                with accelerator.autocast():
-                    loss, metrics = step_fn(model, indices)
-                if step_weight is not None:
-                    # DDP averages processes and we divide by the micro-steps: undo both, then weigh.
-                    share = sum(example_weights[i] for i in indices) / max(step_weight, 1e-12)
-                    loss = loss * (share * world * accumulation)
-                accelerator.backward(loss if deepspeed else loss / accumulation)
-            step_metrics.append({"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}})
-            window_examples += len(indices) * world
-        grad_norm = None
-        if options.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        for row in step_metrics:
-            if grad_norm is not None:
-                row["grad_norm"] = (
-                    grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
-                )
-            window.append(row)
+        rows, examples = run.accumulate(step, batches, step_fn, example_weights)
+        run.step(step, rows)
+        window += rows
+        window_examples += examples
         progress.update(1)
-
         if step % options.logging_steps == 0 or step == total_steps:
-            # The only host synchronisation of the loop: metrics reduced across processes and read.
-            stacked = {key: torch.stack([row[key].float() for row in window]).mean() for key in window[0]}
-            reduced = {
-                key: accelerator.reduce(value.to(accelerator.device), "mean")
-                for key, value in stacked.items()
-            }
-            elapsed = time.perf_counter() - window_start
-            record = {"step": step, **{key: float(value) for key, value in sorted(reduced.items())}}
-            record["lr"] = scheduler.get_last_lr()[0]
-            record["pairs_per_second"] = window_examples / max(elapsed, 1e-9)
-            record["epoch"] = step * accumulation / order.per_epoch
+            record = run.record(step, window, window_examples, time.perf_counter() - window_start)
             window, window_examples, window_start = [], 0, time.perf_counter()
             history.append(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}")
-            if accelerator.is_main_process:
-                with _metrics_path(output_dir).open("a") as file:
-                    file.write(json.dumps(record) + "\n")
-                if writer is not None:
-                    for key, value in record.items():
-                        if key != "step":
-                            writer.add_scalar(key, value, step)
-            if on_log is not None:
-                on_log(record)
-
+            sink.write(record)
         if options.save_steps and step % options.save_steps == 0 and step < total_steps:
-            save_checkpoint(accelerator, output_dir, step, options.save_total_limit)
+            _save(options, accelerator, run.model, step)
     progress.close()
-    if writer is not None:
-        writer.close()
+    sink.close()
+    if not weights_finite(run.model, accelerator):
+        raise NonFiniteError(
+            f"step {total_steps}: the final weights are not finite; no final model saved, "
+            f"{_newest_checkpoint_note(options)}"
+        )
     return LoopResult(history, total_steps, time.perf_counter() - started, start_step)
-
-
-def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path:
-    """Model, optimizer, scheduler, RNG and registered states, under a temporary name renamed when whole."""
-    final = checkpoint_dir(output_dir, step)
-    temporary = atomic_directory(final) if accelerator.is_main_process else None
-    temporary = _broadcast_path(accelerator, temporary)
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_json(temporary / STATE_FILE, {"step": step})
-        commit_directory(temporary, final)
-        prune_checkpoints(output_dir, keep)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _broadcast_path(accelerator, path: Path | None) -> Path:
-    if accelerator.num_processes == 1:
-        return path
-    from accelerate.utils import broadcast_object_list
-
-    holder = [str(path) if path is not None else None]
-    broadcast_object_list(holder)
-    return Path(holder[0])

@@ -96,6 +96,13 @@ def load_model(
         raise OptionError(
             f"cannot load model {path_or_id!r}: not a local folder and the hub could not be reached ({error})"
         ) from error
+    except Exception as error:  # noqa: BLE001 - a damaged weight file (SafetensorError, unpickling, ...)
+        if not Path(path_or_id).exists():
+            raise
+        raise OptionError(
+            f"cannot load model {path_or_id!r}: its weight files are damaged or unreadable "
+            f"({type(error).__name__}: {error})"
+        ) from error
 
 
 def model_fingerprint(path_or_id: str, seed: int = 0) -> str:

@@ -45,6 +45,7 @@ from miopt.config import option
 from miopt.errors import DataError, OptionError
 from miopt.evaluation.runner import complete_records
 from miopt.evaluation.tasks import EvalRecord
+from miopt.run_folder import LOCK_FILE
 from miopt.train import TrainOptions, check_train_options
 
 ROUNDS_FILE = "rounds.jsonl"
@@ -395,11 +396,18 @@ def prepare_output(options: OnlineOptions) -> tuple[dict[str, Any] | None, list[
     done = complete_rounds(output_dir)
     if output_dir.is_dir():
         _remove_stale(output_dir)
+    if options.resume and options.overwrite:
+        raise OptionError("--resume and --overwrite exclude each other (continue the run, or replace it)")
     if not options.resume:
-        if done or (output_dir / ROUNDS_FILE).exists():
+        if (done or (output_dir / ROUNDS_FILE).exists()) and options.overwrite:
+            _log(f"--overwrite: removing the previous run's files from {output_dir}")
+            for path in output_dir.iterdir():
+                if path.name != LOCK_FILE:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        elif done or (output_dir / ROUNDS_FILE).exists():
             raise OptionError(
-                f"{output_dir} already holds an online run; pass --resume to continue it, "
-                "or choose another --output-dir"
+                f"{output_dir} already holds an online run; pass --resume to continue it, --overwrite to "
+                "replace it, or choose another --output-dir"
             )
         return None, [], -1
     if not (output_dir / RUN_FILE).is_file():
@@ -475,11 +483,14 @@ def _log(message: str) -> None:
 def run_online(options: OnlineOptions) -> dict[str, Any]:
     """All rounds of ``miopt online`` (module docstring); returns the summary written to summary.json."""
     from miopt.models import load_model, load_tokenizer
+    from miopt.run_folder import check_output_dir, lock_output_dir
     from miopt.verifiers import load_verifier
 
     check_online_options(options)
     verifier = load_verifier(options.verifier)
     output_dir = Path(options.output_dir)
+    check_output_dir(output_dir)
+    lock = lock_output_dir(output_dir) if output_dir.is_dir() else None  # one process per folder
     stored, rows, last = prepare_output(options)
     task = load_task(options)
     if not task.records:
@@ -489,6 +500,7 @@ def run_online(options: OnlineOptions) -> dict[str, Any]:
         start = _starting_policy(options, options.progress)
         stored = {"start_model": start, "options": dataclasses.asdict(options)}
         output_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock or lock_output_dir(output_dir)
         atomic_write_json(output_dir / RUN_FILE, stored)
     start = stored["start_model"]
     tokenizer = load_tokenizer(start)

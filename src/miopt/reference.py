@@ -2,13 +2,17 @@
 
 The cache key covers the reference model's identity, every token id of the data (which fixes
 the tokenizer, the data and the truncation settings) and the precision, so a second run on the
-same data reads the file and never loads the reference model.
+same data reads the file and never loads the reference model. Each entry carries the SHA-256 of
+its tensors; an entry whose checksum, shapes or values (NaN, infinity) are wrong is named,
+discarded and recomputed (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,20 +98,75 @@ def compute_reference_logps(
     return ReferenceLogps(chosen, rejected)
 
 
+def _tensors_sha256(chosen: Tensor, rejected: Tensor) -> str:
+    digest = hashlib.sha256()
+    for tensor in (chosen, rejected):
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.contiguous().float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def encode_entry(logps: ReferenceLogps) -> bytes:
+    """The cache file's bytes: safetensors with the tensors' checksum in its metadata."""
+    from safetensors.torch import save
+
+    chosen, rejected = logps.chosen.contiguous().float(), logps.rejected.contiguous().float()
+    return save(
+        {"chosen": chosen, "rejected": rejected}, metadata={"sha256": _tensors_sha256(chosen, rejected)}
+    )
+
+
+def decode_entry(data: bytes, shape: tuple[int, int] | None = None) -> tuple[ReferenceLogps | None, str]:
+    """(logps, "") for an intact entry of ``shape`` (examples, rejected per example), else (None, why)."""
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+        header_length = int.from_bytes(data[:8], "little")  # safetensors: u64 length, then a JSON header
+        metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__") or {}
+    except Exception as error:  # noqa: BLE001 - any unreadable file is damage
+        return None, f"unreadable ({type(error).__name__}: {error})"
+    if set(tensors) != {"chosen", "rejected"}:
+        return None, f"holds {sorted(tensors)}, not chosen and rejected"
+    chosen, rejected = tensors["chosen"], tensors["rejected"]
+    if chosen.dim() != 1 or rejected.dim() != 2 or rejected.shape[0] != chosen.shape[0]:
+        return None, f"shapes {tuple(chosen.shape)} and {tuple(rejected.shape)} do not fit together"
+    if shape is not None and (chosen.shape[0], rejected.shape[1]) != shape:
+        return None, f"shape ({chosen.shape[0]}, {rejected.shape[1]}) is not the data's {shape}"
+    if "sha256" not in metadata:
+        return None, "it carries no checksum"
+    if metadata["sha256"] != _tensors_sha256(chosen, rejected):
+        return None, "its values do not match their checksum"
+    if not (torch.isfinite(chosen).all() and torch.isfinite(rejected).all()):
+        return None, "it holds NaN or infinite values"
+    return ReferenceLogps(chosen, rejected), ""
+
+
 def load_or_compute(
-    path: Path, compute: Callable[[], ReferenceLogps], accelerator=None
+    path: Path,
+    compute: Callable[[], ReferenceLogps],
+    accelerator=None,
+    shape: tuple[int, int] | None = None,
 ) -> tuple[ReferenceLogps, bool]:
     """Read the cached file at ``path``, or compute and write it atomically. Returns (logps, was_cached).
+
+    ``shape``: (examples, rejected per example) the entry must have. A damaged entry (checksum,
+    shape, non-finite values) is named on stderr, removed and recomputed.
 
     With several processes the main one decides (its file system holds the cache), reads or writes
     the file, and hands a cached result to the others; ``compute`` is called on every process
     (it shares the work out and gathers it).
     """
-    from safetensors.torch import load, save
-
     distributed = accelerator is not None and accelerator.num_processes > 1
     main = not distributed or accelerator.is_main_process
-    tensors = load(path.read_bytes()) if main and path.is_file() else None
+    tensors = None
+    if main and path.is_file():
+        logps, problem = decode_entry(path.read_bytes(), shape)
+        if logps is None:
+            print(f"reference cache {path}: {problem}; discarded, recomputing", file=sys.stderr, flush=True)
+            path.unlink(missing_ok=True)
+        else:
+            tensors = {"chosen": logps.chosen, "rejected": logps.rejected}
     if distributed:
         from accelerate.utils import broadcast_object_list
 
@@ -118,9 +177,7 @@ def load_or_compute(
         return ReferenceLogps(tensors["chosen"], tensors["rejected"]), True
     logps = compute()
     if main:
-        atomic_write_bytes(
-            path, save({"chosen": logps.chosen.contiguous(), "rejected": logps.rejected.contiguous()})
-        )
+        atomic_write_bytes(path, encode_entry(logps))
     if distributed:
         accelerator.wait_for_everyone()
     return logps, False

@@ -26,8 +26,10 @@ from miopt.loop import (
     run_loop,
     sharded_setup,
 )
+from miopt.option_checks import check_model_options
 from miopt.packing import make_batch
 from miopt.plots import plot_training_curves
+from miopt.run_folder import RunFolder
 from miopt.train import ModelOptions, apply_lora, load_examples, save_model
 
 
@@ -111,8 +113,12 @@ def sft(options: SFTOptions) -> dict[str, Any]:
     from miopt.models import load_model
 
     check_loop_options(options)
+    check_model_options(options)
     if not options.model or not options.data:
         raise OptionError("miopt sft needs --model (folder, hub id or 'builtin') and --data")
-    tokenizer, examples, _, _ = load_examples(options, load_sft_records, tokenize_sft)
-    model = load_model(options.model, tokenizer, dtype=options.dtype, seed=options.seed)
-    return sft_on_examples(options, model, tokenizer, examples)
+    with RunFolder(options) as folder:
+        folder.check()
+        tokenizer, examples, _, _ = load_examples(options, load_sft_records, tokenize_sft)
+        model = load_model(options.model, tokenizer, dtype=options.dtype, seed=options.seed)
+        folder.start()
+        return sft_on_examples(options, model, tokenizer, examples)

@@ -35,6 +35,7 @@ from miopt.loop import (
     sharded_setup,
 )
 from miopt.objectives.base import masked_mean
+from miopt.option_checks import check_model_options, check_preference_ranges
 from miopt.packing import PACKINGS, make_batch
 from miopt.plots import plot_training_curves
 from miopt.reference import (
@@ -44,6 +45,7 @@ from miopt.reference import (
     default_cache_dir,
     load_or_compute,
 )
+from miopt.run_folder import RunFolder
 
 
 @dataclass
@@ -138,15 +140,13 @@ def objective_options(options: TrainOptions) -> dict[str, Any]:
 
 def check_train_options(options: TrainOptions) -> None:
     check_loop_options(options)
+    check_model_options(options)
     if options.objective not in objectives.available():
         raise OptionError(
             f"unknown objective {options.objective!r}; valid objectives: {', '.join(objectives.available())}"
         )
+    check_preference_ranges(options)
     objective_options(options)
-    if options.beta <= 0:
-        raise OptionError(f"--beta must be positive, got {options.beta}")
-    if options.max_length < 2:
-        raise OptionError("--max-length must be >= 2")
     if options.merge_lora and not options.lora_r:
         raise OptionError("--merge-lora needs --lora-r > 0")
     if options.load_in_4bit:
@@ -168,8 +168,9 @@ class ChosenDeclineMonitor:
     """Warns once when the chosen log-prob has fallen ``margin`` nats below the reference:
     the late-training decline of DPO that MIO exists to prevent (theory.md section 2)."""
 
-    def __init__(self, margin: float, stream=None) -> None:
+    def __init__(self, margin: float, stream=None, objective: str = "") -> None:
         self.margin, self.stream, self.warned_at = margin, stream, None
+        self.objective = objective
 
     def __call__(self, record: dict[str, float]) -> None:
         change = record.get("logps/chosen_change")
@@ -177,10 +178,13 @@ class ChosenDeclineMonitor:
             return
         if change < -self.margin:
             self.warned_at = int(record["step"])
+            remedies = "a smaller learning rate or --sft-weight"
+            if self.objective not in ("mio", "js"):
+                remedies = f"--objective mio, {remedies}"
             print(
                 f"\nWARNING: step {self.warned_at}: chosen log-prob is {change:.2f} nats below the reference "
                 f"(threshold {self.margin}). The preferred responses are losing likelihood; this is the decline "
-                "MIO (--objective mio) is designed to prevent. Consider mio, a smaller learning rate or --sft-weight.",
+                f"MIO (--objective mio) is designed to prevent. Consider {remedies}.",
                 file=self.stream or sys.stderr,
                 flush=True,
             )
@@ -324,7 +328,8 @@ def reference_logps(
             packing=options.packing,
         )
 
-    return load_or_compute(path, compute, accelerator)
+    shape = (len(examples), max(len(example.rejected_ids) for example in examples))
+    return load_or_compute(path, compute, accelerator, shape=shape)
 
 
 def _is_main_process() -> bool:
@@ -369,29 +374,34 @@ def train(options: TrainOptions) -> dict[str, Any]:
     if not options.data:
         raise OptionError("--data is required with --model")
     main = _is_main_process()
-    if main and options.resume is None and Path(options.output_dir, "summary.json").exists():
-        print(f"note: {options.output_dir} holds a finished run; its files will be replaced", file=sys.stderr)
-    tokenizer, examples, load_report, token_report = load_examples(
-        options, load_preference_records, tokenize_preferences, report=main
-    )
-    model = load_model(
-        options.model, tokenizer, dtype=options.dtype, seed=options.seed, load_in_4bit=options.load_in_4bit
-    )
-    # Created after the model is loaded: with DeepSpeed ZeRO-3 an earlier Accelerator would make
-    # from_pretrained partition the weights, and the reference pass needs them whole.
-    accelerator = make_accelerator(options.bf16)
-    return train_on_examples(
-        options,
-        model,
-        tokenizer,
-        examples,
-        accelerator=accelerator,
-        extra_summary={
-            "data": options.data,
-            "skipped_records": load_report.skipped,
-            "truncated_records": token_report.truncated,
-        },
-    )
+    with RunFolder(options, main_process=main) as folder:
+        folder.check()
+        tokenizer, examples, load_report, token_report = load_examples(
+            options, load_preference_records, tokenize_preferences, report=main
+        )
+        model = load_model(
+            options.model,
+            tokenizer,
+            dtype=options.dtype,
+            seed=options.seed,
+            load_in_4bit=options.load_in_4bit,
+        )
+        # Created after the model is loaded: with DeepSpeed ZeRO-3 an earlier Accelerator would make
+        # from_pretrained partition the weights, and the reference pass needs them whole.
+        accelerator = make_accelerator(options.bf16)
+        folder.start()
+        return train_on_examples(
+            options,
+            model,
+            tokenizer,
+            examples,
+            accelerator=accelerator,
+            extra_summary={
+                "data": options.data,
+                "skipped_records": load_report.skipped,
+                "truncated_records": token_report.truncated,
+            },
+        )
 
 
 def train_on_examples(
@@ -442,7 +452,7 @@ def train_on_examples(
         objective_kwargs=objective_options(options),
         packing=options.packing,
     )
-    monitor = ChosenDeclineMonitor(options.chosen_decline_warning)
+    monitor = ChosenDeclineMonitor(options.chosen_decline_warning, objective=options.objective)
     stateful = {"objective": objective} if hasattr(objective, "state_dict") else {}
     result = run_loop(
         options,

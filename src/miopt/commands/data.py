@@ -13,6 +13,8 @@ HELP = "Data converters: 'gsm8k-pairs' turns GSM8K model samples into preference
 
 @dataclass
 class Gsm8kPairsOptions:
+    """Options of ``miopt data gsm8k-pairs``."""
+
     input: str = option(
         "", "example_model_solutions.jsonl (question, ground_truth, model samples with is_correct)."
     )
@@ -42,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_gsm8k_pairs(args: argparse.Namespace) -> int:
     from miopt.evaluation.gsm8k_pairs import EVAL_FILE, HELDOUT_FILE, TRAIN_FILE, convert_gsm8k_pairs
+    from miopt.run_folder import check_output_dir
 
     options = resolve(Gsm8kPairsOptions, args)
     if not options.input:
@@ -49,7 +52,8 @@ def _run_gsm8k_pairs(args: argparse.Namespace) -> int:
     if not options.output_dir:
         raise OptionError("give --output-dir")
     if not 0.0 <= options.heldout_fraction < 1.0:
-        raise OptionError("--heldout-fraction must be in [0, 1)")
+        raise OptionError(f"--heldout-fraction must be in [0, 1), got {options.heldout_fraction}")
+    check_output_dir(options.output_dir)
     counts = convert_gsm8k_pairs(
         options.input, options.output_dir, heldout_fraction=options.heldout_fraction, seed=options.seed
     )

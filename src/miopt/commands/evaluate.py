@@ -16,6 +16,8 @@ HELP = "Evaluate a model: generation (GSM8K, MATH, arithmetic) or multiple choic
 
 @dataclass
 class EvalOptions:
+    """Options of ``miopt eval``."""
+
     model: str = option(
         "", "Model folder (AutoModelForCausalLM / AutoTokenizer), or 'builtin' (untrained; smoke tests)."
     )
@@ -72,11 +74,28 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto") -> tuple
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
             model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-        except (OSError, ValueError) as error:
-            raise OptionError(f"cannot load model {name!r}: {error}") from error
+        except Exception as error:  # noqa: BLE001 - missing folder, damaged weights (SafetensorError), ...
+            raise OptionError(f"cannot load model {name!r}: {type(error).__name__}: {error}") from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
+
+
+def check_eval_options(options: EvalOptions) -> None:
+    """Range checks of the numeric options and the output folder, before anything is loaded."""
+    from miopt.errors import require
+    from miopt.run_folder import check_output_dir
+
+    o = options
+    require(o.max_new_tokens >= 1, "--max-new-tokens", ">= 1", o.max_new_tokens)
+    require(o.batch_size >= 1, "--batch-size", ">= 1", o.batch_size)
+    require(o.temperature >= 0, "--temperature", ">= 0 (0: greedy)", o.temperature)
+    require(0 < o.top_p <= 1, "--top-p", "in (0, 1]", o.top_p)
+    require(o.seed >= 0, "--seed", ">= 0", o.seed)
+    for k in o.pass_k or []:
+        require(1 <= k <= o.num_samples, "--pass-k", f"in [1, --num-samples = {o.num_samples}]", k)
+    if o.output_dir:
+        check_output_dir(o.output_dir)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError("--limit must be at least 1")
     if options.few_shot < 0:
         raise OptionError("--few-shot must be 0 or more")
+    check_eval_options(options)
 
     prefix = ""
     if options.few_shot and options.few_shot_file:

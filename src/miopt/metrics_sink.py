@@ -1,0 +1,93 @@
+"""The metrics sink: the one place where a logged row of the loop goes (``metrics.jsonl`` on the
+main process, TensorBoard with ``--report-to tensorboard``, and the job's ``on_log`` callback).
+
+On resume the file keeps the rows of steps up to the checkpoint; a torn last line (a write cut by
+a full disk or a power loss) is dropped with a message instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from miopt.checkpoint import atomic_write_text
+from miopt.errors import MioptError
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict[str, float]]:
+    """The rows of ``path`` (of steps <= ``up_to_step``); a torn last line is dropped, said on stderr,
+    a damaged line before it is an error naming the file and line."""
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError as error:
+            if any(rest.strip() for rest in lines[number:]):
+                raise MioptError(f"{path}:{number}: damaged metrics row ({error}); cannot resume") from error
+            print(f"note: {path}:{number}: dropped a torn last line", file=sys.stderr, flush=True)
+            continue
+        rows.append(row)
+    if up_to_step is not None:
+        rows = [row for row in rows if row.get("step", 0) <= up_to_step]
+    return rows
+
+
+class MetricsSink:
+    """Receives each logged row (``write``); ``start`` prepares the file for a fresh or resumed run.
+    Trackers (TensorBoard, ...) hang off here, so every row reaches all of them the same way."""
+
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        main_process: bool,
+        report_to: str = "none",
+        on_log: Callable[[dict[str, float]], None] | None = None,
+    ) -> None:
+        self.path = Path(output_dir) / METRICS_FILE
+        self.main_process, self.on_log = main_process, on_log
+        self.writer = None
+        if report_to == "tensorboard" and main_process:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def start(self, resumed_step: int | None) -> list[dict[str, float]]:
+        """Fresh run (``resumed_step`` None): an empty file. Resumed: the rows up to that step, which
+        the run will not write again (the file is rewritten atomically without the others)."""
+        if not self.main_process:
+            return []
+        if resumed_step is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.unlink(missing_ok=True)
+            return []
+        rows = read_metrics(self.path, resumed_step)
+        if self.path.is_file():
+            atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in rows))
+        return rows
+
+    def write(self, record: dict[str, float]) -> None:
+        if self.main_process:
+            with self.path.open("a", encoding="utf-8") as file:
+                file.write(json.dumps(record) + "\n")
+            if self.writer is not None:
+                for key, value in record.items():
+                    if key != "step":
+                        self.writer.add_scalar(key, value, int(record["step"]))
+        if self.on_log is not None:
+            self.on_log(record)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
