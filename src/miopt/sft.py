@@ -17,7 +17,7 @@ from miopt.checkpoint import atomic_write_json
 from miopt.config import option
 from miopt.data.tokenize import TokenizedExample, tokenize_sft
 from miopt.errors import OptionError
-from miopt.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps, unwrap
+from miopt.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps
 from miopt.loop import (
     LoopOptions,
     check_loop_options,
@@ -26,6 +26,7 @@ from miopt.loop import (
     run_loop,
     sharded_setup,
 )
+from miopt.modeling import unwrap
 from miopt.packing import make_batch
 from miopt.plots import plot_training_curves
 from miopt.train import ModelOptions, apply_lora, load_examples, save_model

@@ -21,11 +21,12 @@ from typing import Any
 import torch
 
 from miopt import objectives
+from miopt.attention import block_attention
 from miopt.checkpoint import atomic_directory, atomic_write_json, move_files_into
 from miopt.config import option
 from miopt.data.tokenize import TokenizedExample, fingerprint, tokenize_preferences
 from miopt.errors import OptionError
-from miopt.logprobs import DEFAULT_CHUNK_TOKENS, pair_logps, unwrap
+from miopt.logprobs import DEFAULT_CHUNK_TOKENS, pair_logps
 from miopt.loop import (
     LoopOptions,
     check_loop_options,
@@ -34,6 +35,7 @@ from miopt.loop import (
     run_loop,
     sharded_setup,
 )
+from miopt.modeling import disable_dropout, unwrap
 from miopt.objectives.base import masked_mean
 from miopt.packing import PACKINGS, make_batch
 from miopt.plots import plot_training_curves
@@ -112,6 +114,12 @@ class TrainOptions(ModelOptions, LoopOptions):
         "Batch layout: 'shared-prompt' (prompt computed once for all responses, no padding), "
         "'packed' (no padding), 'padded' (plain; the reference). See miopt.packing.",
         choices=list(PACKINGS),
+    )
+    disable_dropout: bool = option(
+        True,
+        "Set every dropout of the policy and reference model to 0 (TRL's disable_dropout); "
+        "'--disable-dropout false' keeps the model's own (the log-probs are then noisy, and the policy's "
+        "differ from the reference's before any update). --lora-dropout is applied either way.",
     )
     chosen_decline_warning: float = option(
         5.0, "Warn when the mean chosen log-prob falls this many nats below the reference (0 disables)."
@@ -310,6 +318,8 @@ def reference_logps(
 
     def compute() -> ReferenceLogps:
         model = load_model(options.ref_model, dtype=options.dtype) if options.ref_model else policy
+        if options.disable_dropout:
+            disable_dropout(model)
         if not getattr(model, "is_loaded_in_4bit", False):  # a quantised model is placed at load
             model.to(accelerator.device)
         return compute_reference_logps(
@@ -412,6 +422,8 @@ def train_on_examples(
     )
     objective = objectives.get(options.objective, sft_weight=options.sft_weight)
     started = time.perf_counter()
+    if options.disable_dropout:  # before LoRA: an explicit --lora-dropout stays
+        disable_dropout(model)
     reference, cached = None, False
     reference_model = None
     needs_reference = not objectives.is_reference_free(objective)
@@ -432,6 +444,8 @@ def train_on_examples(
         else:
             reference_model = copy.deepcopy(model)
         reference_model.requires_grad_(False).eval().to(accelerator.device)
+        if options.disable_dropout:
+            disable_dropout(reference_model)
     step = make_step_function(
         objective,
         PreferenceData(examples, reference),
@@ -444,15 +458,16 @@ def train_on_examples(
     )
     monitor = ChosenDeclineMonitor(options.chosen_decline_warning)
     stateful = {"objective": objective} if hasattr(objective, "state_dict") else {}
-    result = run_loop(
-        options,
-        model=model,
-        num_examples=len(examples),
-        step_fn=step,
-        stateful=stateful,
-        on_log=monitor if main else None,
-        accelerator=accelerator,
-    )
+    with block_attention(model), block_attention(reference_model):
+        result = run_loop(
+            options,
+            model=model,
+            num_examples=len(examples),
+            step_fn=step,
+            stateful=stateful,
+            on_log=monitor if main else None,
+            accelerator=accelerator,
+        )
     state_dict = full_state_dict(accelerator, model)
     summary: dict[str, Any] = {}
     if main:
