@@ -96,6 +96,8 @@ def load_model(
         raise OptionError(
             f"cannot load model {path_or_id!r}: not a local folder and the hub could not be reached ({error})"
         ) from error
+    except ValueError as error:  # e.g. a config transformers does not recognise
+        raise OptionError(f"cannot load model {path_or_id!r}: {error}") from error
 
 
 def model_fingerprint(path_or_id: str, seed: int = 0) -> str:

@@ -504,10 +504,10 @@ def run_online(options: OnlineOptions) -> dict[str, Any]:
     )
 
     if last < 0:  # round 0: the starting policy and its held-out accuracy
-        from accelerate import Accelerator
+        from miopt.loop import make_accelerator
 
         started = time.perf_counter()
-        device = Accelerator(mixed_precision="bf16" if options.bf16 else "no").device
+        device = make_accelerator(options.bf16).device
         model = load_model(start, tokenizer, dtype=options.dtype, seed=options.seed).to(device)
         temporary = atomic_directory(round_dir(output_dir, 0))
         if start == "builtin":
@@ -557,10 +557,9 @@ def run_round(
     options: OnlineOptions, index: int, task: OnlineTask, verifier, tokenizer, start_dir: str
 ) -> dict[str, Any]:
     """Round ``index`` (>= 1): sample, verify, pair, update, evaluate, commit ``round-NNN``."""
-    from accelerate import Accelerator
-
     from miopt.data.tokenize import tokenize_examples
-    from miopt.logprobs import unwrap
+    from miopt.loop import make_accelerator
+    from miopt.modeling import unwrap
     from miopt.models import load_model
     from miopt.train import save_model, train_on_examples
 
@@ -568,7 +567,7 @@ def run_round(
     started = time.perf_counter()
     policy = start_dir if index == 1 else str(round_dir(output_dir, index - 1))
     reference = start_dir if options.reference_mode == "start" and index > 1 else None
-    accelerator = Accelerator(mixed_precision="bf16" if options.bf16 else "no")
+    accelerator = make_accelerator(options.bf16)
     model = load_model(policy, tokenizer, dtype=options.dtype, seed=options.seed).to(accelerator.device)
 
     records = [
