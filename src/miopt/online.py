@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from miopt.checkpoint import atomic_directory, atomic_write_json, atomic_write_text, commit_directory
-from miopt.config import option
+from miopt.config import Preset, option
 from miopt.errors import DataError, OptionError
 from miopt.evaluation.runner import complete_records
 from miopt.evaluation.tasks import EvalRecord
@@ -75,16 +75,17 @@ RESUME_FIXED = (
 
 # Preference-stage settings on the built-in task with the built-in SFT start (as in default_run);
 # any option given on the command line or in --config wins.
-BUILTIN_DEFAULTS: dict[str, Any] = {
-    "objective": "mio",
-    "beta": 0.5,
-    "learning_rate": 5e-5,
-    "batch_size": 16,
-    "lr_scheduler": "constant",
-    "warmup_ratio": 0.0,
-    "max_length": 128,
-    "logging_steps": 5,
-}
+BUILTIN_DEFAULTS = Preset(
+    TrainOptions,
+    objective="mio",
+    beta=0.5,
+    learning_rate=5e-5,
+    batch_size=16,
+    lr_scheduler="constant",
+    warmup_ratio=0.0,
+    max_length=128,
+    logging_steps=5,
+)
 
 
 @dataclass
