@@ -4,7 +4,8 @@
    arithmetic task (:mod:`miopt.tasks.arithmetic`): train problems and 1,000 held-out problems.
 2. Warm-start with a short SFT on worked solutions; the SFT model is cached for the next run.
 3. Preference pairs: a correct worked solution vs. the SFT model's own wrong greedy answer to the
-   same prompt (on-policy negatives: what made MIO beat its SFT start, docs/calibration.md).
+   same prompt (on-policy negatives: in the runs that sized this task, synthetic negatives gave neither
+   objective a gain over the SFT start; measured results in docs/experiments.md).
 4. Train with MIO (beta 0.5) and report held-out greedy accuracy of the SFT start and the result.
 """
 
@@ -27,7 +28,7 @@ from miopt.train import TrainOptions, train_on_examples
 
 @dataclass(frozen=True)
 class DefaultTask:
-    """Sizes of the built-in run (docs/calibration.md: SFT ~0.2 s/step, preference ~0.3 s/step)."""
+    """Sizes of the built-in run, for 2 CPU cores (SFT about 0.2 s/step, preference about 0.3 s/step)."""
 
     seed: int = 0
     sft_problems: int = 20000
