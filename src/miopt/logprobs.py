@@ -158,7 +158,7 @@ def chunked_token_logps(hidden: Tensor, targets: Tensor, head: torch.nn.Module, 
 
 
 def packed_sequence_logps(model, batch, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> SequenceLogps:
-    """:func:`sequence_logps` of a :class:`miopt.packing.PackedBatch` (prefix-tree or packed layout).
+    """:func:`sequence_logps` of a :class:`miopt.data.packed.PackedBatch` (prefix-tree or packed layout).
 
     One forward over the packed rows (position ids, and the 4D mask of the prefix-tree layout); each
     scored token's log-prob is computed once and summed into every sequence that contains it.
@@ -243,7 +243,7 @@ class PairLogps:
 
 def pair_logps(model, batch, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PairLogps:
     """One forward pass over chosen and rejected rows (a padded :class:`SequenceBatch` or a
-    :class:`miopt.packing.PackedBatch`), split back into ``[B]`` and ``[B, K]``."""
+    :class:`miopt.data.packed.PackedBatch`), split back into ``[B]`` and ``[B, K]``."""
     result = sequence_logps(model, batch, chunk_tokens=chunk_tokens)
     chosen, rejected = batch.split_rows(result.summed)
     chosen_lengths, rejected_lengths = batch.split_rows(result.token_counts)
