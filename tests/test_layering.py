@@ -72,7 +72,9 @@ def test_no_import_cycles_even_through_function_local_imports():
     graph = {name: _imports(name, path, modules) for name, path in modules.items()}
     # a package's __init__ re-exporting its submodules is not a cycle with them
     for name in graph:
-        graph[name] = {t for t in graph[name] if not t.startswith(name + ".") and not name.startswith(t + ".")}
+        graph[name] = {
+            t for t in graph[name] if not t.startswith(name + ".") and not name.startswith(t + ".")
+        }
     assert graph["miopt.logprobs"] and graph["miopt.packing"]  # the graph is not empty by mistake
     assert _cycles(graph) == []
 
@@ -88,3 +90,20 @@ def test_no_private_attention_mapping_and_accelerators_from_make_accelerator():
         # compare.py: its SFT control is being rewritten onto train_on_examples (which uses make_accelerator)
         if path.name not in ("loop.py", "compare.py"):
             assert "Accelerator(" not in text, path
+
+
+def test_eval_loads_through_the_one_model_loader(monkeypatch, tokenizer):
+    import miopt.models as models
+    from miopt.commands.evaluate import load_model
+
+    calls = []
+    original = models.load_model
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", counting)
+    model, loaded_tokenizer = load_model("builtin", device="cpu")
+    assert calls == ["builtin"] and loaded_tokenizer.pad_token_id is not None
+    assert model.config.vocab_size == len(tokenizer)

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from miopt import models
 from miopt.checkpoint import atomic_write_json
 from miopt.config import option
+from miopt.data import load_sft_records
 from miopt.data.tokenize import TokenizedExample, tokenize_sft
 from miopt.errors import OptionError
 from miopt.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps
@@ -108,12 +110,9 @@ def sft_on_examples(
 
 def sft(options: SFTOptions) -> dict[str, Any]:
     """``miopt sft`` on files: validate all records first, then train and save."""
-    from miopt.data import load_sft_records
-    from miopt.models import load_model
-
     check_loop_options(options)
     if not options.model or not options.data:
         raise OptionError("miopt sft needs --model (folder, hub id or 'builtin') and --data")
     tokenizer, examples, _, _ = load_examples(options, load_sft_records, tokenize_sft)
-    model = load_model(options.model, tokenizer, dtype=options.dtype, seed=options.seed)
+    model = models.load_model(options.model, tokenizer, dtype=options.dtype, seed=options.seed)
     return sft_on_examples(options, model, tokenizer, examples)
