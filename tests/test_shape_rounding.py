@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from miopt import logprobs, packing
+from miopt import attention, logprobs, packing
+from miopt.data.packed import PACKINGS
 from miopt.data.tokenize import tokenize_examples
 from miopt.logprobs import sequence_logps
-from miopt.packing import PACKINGS, SHAPE_MULTIPLE, make_batch
+from miopt.modeling import SHAPE_MULTIPLE
+from miopt.packing import make_batch
 
 
 def _examples(tokenizer):
@@ -91,6 +93,7 @@ def test_bf16_on_cpu_rounds_every_kernel_length_and_changes_no_result(
     # the same computation with exact lengths
     monkeypatch.setattr(packing, "SHAPE_MULTIPLE", 1)
     monkeypatch.setattr(logprobs, "SHAPE_MULTIPLE", 1)
+    monkeypatch.setattr(attention, "SHAPE_MULTIPLE", 1)
     kernel_shapes["linear"].clear()
     batch, exact, exact_grads = _logps_and_grads(model, examples, tokenizer.pad_token_id, layout)
     assert any(n % SHAPE_MULTIPLE for n in kernel_shapes["linear"])  # the rounding did change shapes

@@ -224,7 +224,7 @@ class Gsm8kPreset:
     overrides: tuple[tuple[str, Any], ...] = ()
 
     def preference_options(self) -> dict[str, Any]:
-        # docs/calibration.md's real-pairs settings.
+        # the settings of the sizing runs on real GSM8K pairs (beta 0.1, lr 1e-4, batch 8).
         base = {
             "beta": 0.1,
             "learning_rate": 1e-4,

@@ -2,7 +2,12 @@
 
 Each command declares its options as a dataclass whose fields carry ``help`` metadata.
 ``add_options`` turns the fields into ``--kebab-case`` flags (defaults shown in ``--help``);
-``resolve`` merges defaults < YAML file (``--config``) < flags given on the command line.
+``resolve`` layers, for every command alike::
+
+    built-in defaults (the dataclass)  <  preset (a :class:`Preset`)  <  YAML file (--config)  <  flags
+
+so a value set in the YAML file or on the command line always wins over a preset (the embedded
+default run's settings, the online command's built-in task settings).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -134,13 +140,52 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return {str(key).replace("-", "_"): value for key, value in data.items()}
 
 
-def resolve(schema: type[T], args: argparse.Namespace | dict[str, Any] | None = None) -> T:
-    """Build the options: defaults, then the YAML file named by ``config``, then explicit flags."""
+class Preset(Mapping[str, Any]):
+    """Option values that replace some of a schema's built-in defaults (one layer of :func:`resolve`).
+
+    Checked against ``schema`` when made: every name must be one of its fields and every value must
+    read as the field's type (so a typo in a preset fails at import, not in the middle of a run).
+    A preset of a schema applies to its subclasses too (``miopt online``'s options extend
+    ``miopt train``'s)."""
+
+    def __init__(self, schema: type, **values: Any) -> None:
+        names = {field.name for field in dataclasses.fields(schema)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"preset of {schema.__name__}: unknown option(s) {', '.join(unknown)}")
+        hints = typing.get_type_hints(schema)
+        self.schema = schema
+        self._values = {
+            key: _coerce(value, hints[key], f"preset of {schema.__name__}: option {key!r}")
+            for key, value in values.items()
+        }
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Preset({self.schema.__name__}, {self._values!r})"
+
+
+def resolve(
+    schema: type[T], args: argparse.Namespace | dict[str, Any] | None = None, preset: Preset | None = None
+) -> T:
+    """Build the options: built-in defaults < ``preset`` < the YAML file named by ``config`` < flags."""
     given = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args or {})
     config_path = given.pop("config", None)
     given = {key: value for key, value in given.items() if not key.startswith("_")}
     names = {field.name for field in dataclasses.fields(schema)}
     values: dict[str, Any] = {}
+    if preset is not None:
+        if not issubclass(schema, preset.schema):
+            raise TypeError(f"a preset of {preset.schema.__name__} cannot set {schema.__name__}")
+        values.update(preset)
     if config_path:
         from_file = load_yaml(config_path)
         unknown = sorted(set(from_file) - names)

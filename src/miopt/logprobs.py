@@ -9,7 +9,7 @@ a plain linear head, activation checkpointing otherwise).
 
 from __future__ import annotations
 
-import inspect
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -17,15 +17,18 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from miopt.data.tokenize import SequenceBatch
-from miopt.packing import (
+from miopt.attention import ATTENTION_NAME, block_attention, check_blocks_used
+from miopt.data.packed import PackedBatch
+from miopt.data.tokenize import SequenceBatch, round_up
+from miopt.modeling import (
     SHAPE_MULTIPLE,
-    PackedBatch,
-    check_blocks_used,
-    model_inputs,
-    round_up,
+    attention_implementation,
+    base_model,
     rounds_shapes,
+    unwrap,
+    uses_plain_head,
 )
+from miopt.packing import model_inputs
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -43,31 +46,6 @@ class SequenceLogps:
 def _token_logps(hidden: Tensor, targets: Tensor, head: torch.nn.Module) -> Tensor:
     logits = head(hidden).float()
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def unwrap(model):
-    """The model inside distributed wrappers (DDP's ``.module``)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
-
-
-def _uses_plain_head(model) -> bool:
-    """Whether logits are exactly ``lm_head(last hidden state)`` and the forward takes ``logits_to_keep``
-    (no soft-capping or logit scaling)."""
-    inner = unwrap(model)
-    config = getattr(inner, "config", None)
-    forward = getattr(getattr(inner, "get_base_model", lambda: inner)(), "forward", None)
-    try:
-        takes_keep = forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
-    except (TypeError, ValueError):
-        takes_keep = False
-    return (
-        takes_keep
-        and inner.get_output_embeddings() is not None
-        and not getattr(config, "final_logit_softcapping", None)
-        and getattr(config, "logit_scale", 1.0) in (None, 1.0)
-    )
 
 
 def response_hidden_states(model, batch: SequenceBatch) -> tuple[Tensor, Tensor, Tensor]:
@@ -99,7 +77,7 @@ def sequence_logps(model, batch, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) ->
     if isinstance(batch, PackedBatch):
         return packed_sequence_logps(model, batch, chunk_tokens=chunk_tokens)
     num_rows, length = batch.input_ids.shape
-    if chunk_tokens <= 0 or not _uses_plain_head(model):
+    if chunk_tokens <= 0 or not uses_plain_head(model):
         return full_sequence_logps(model, batch)
     hidden, targets, positions = response_hidden_states(model, batch)
     token_logps = chunked_token_logps(hidden, targets, unwrap(model).get_output_embeddings(), chunk_tokens)
@@ -180,24 +158,27 @@ def chunked_token_logps(hidden: Tensor, targets: Tensor, head: torch.nn.Module, 
 
 
 def packed_sequence_logps(model, batch, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> SequenceLogps:
-    """:func:`sequence_logps` of a :class:`miopt.packing.PackedBatch` (prefix-tree or packed layout).
+    """:func:`sequence_logps` of a :class:`miopt.data.packed.PackedBatch` (prefix-tree or packed layout).
 
     One forward over the packed rows (position ids, and the 4D mask of the prefix-tree layout); each
     scored token's log-prob is computed once and summed into every sequence that contains it.
     """
     inputs = model_inputs(model, batch)
-    if chunk_tokens > 0 and _uses_plain_head(model):
-        outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-        check_blocks_used(batch)
-        hidden = outputs.hidden_states[-1]
-        hidden = hidden.reshape(-1, hidden.shape[-1])[batch.predict_index]
-        head = unwrap(model).get_output_embeddings()
-        token_logps = chunked_token_logps(hidden, batch.targets, head, chunk_tokens)
-    else:
-        logits = model(**inputs).logits
-        check_blocks_used(batch)
-        logits = logits.reshape(-1, logits.shape[-1])[batch.predict_index]
-        token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.targets[:, None]).squeeze(-1)
+    with _attention_for(model, batch):
+        if chunk_tokens > 0 and uses_plain_head(model):
+            outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+            check_blocks_used(batch.attention_blocks)
+            hidden = outputs.hidden_states[-1]
+            hidden = hidden.reshape(-1, hidden.shape[-1])[batch.predict_index]
+            head = unwrap(model).get_output_embeddings()
+            token_logps = chunked_token_logps(hidden, batch.targets, head, chunk_tokens)
+        else:
+            logits = model(**inputs).logits
+            check_blocks_used(batch.attention_blocks)
+            logits = logits.reshape(-1, logits.shape[-1])[batch.predict_index]
+            token_logps = (
+                torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.targets[:, None]).squeeze(-1)
+            )
     per_sequence = token_logps[batch.token_node]
     rows, cols = batch.token_rows, batch.token_cols
     summed = per_sequence.new_zeros(batch.num_sequences).index_add(0, rows, per_sequence)
@@ -205,6 +186,30 @@ def packed_sequence_logps(model, batch, *, chunk_tokens: int = DEFAULT_CHUNK_TOK
         (rows, cols), per_sequence
     )
     return SequenceLogps(summed=summed, token_counts=batch.token_counts, per_token=per_token)
+
+
+def _attention_for(model, batch: PackedBatch):
+    """The block attention around a forward of a one-row batch (a no-op where the caller has switched
+    the model for its whole job, as training does). A model that reruns its forward in the backward
+    pass (gradient checkpointing) must be switched for the whole step, not just the forward."""
+    if batch.attention_blocks is None:
+        return nullcontext()
+    inner = base_model(model)
+    checkpointing = (
+        "is_activation_checkpointing"
+        if hasattr(type(inner), "is_activation_checkpointing")
+        else ("is_gradient_checkpointing")
+    )
+    if (
+        getattr(inner, checkpointing, False)
+        and torch.is_grad_enabled()
+        and attention_implementation(inner) != ATTENTION_NAME
+    ):
+        raise RuntimeError(
+            "gradient checkpointing reruns the forward in the backward pass: run forward and backward "
+            "inside miopt.attention.block_attention(model)"
+        )
+    return block_attention(model)
 
 
 def full_sequence_logps(model, batch: SequenceBatch) -> SequenceLogps:
@@ -238,7 +243,7 @@ class PairLogps:
 
 def pair_logps(model, batch, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PairLogps:
     """One forward pass over chosen and rejected rows (a padded :class:`SequenceBatch` or a
-    :class:`miopt.packing.PackedBatch`), split back into ``[B]`` and ``[B, K]``."""
+    :class:`miopt.data.packed.PackedBatch`), split back into ``[B]`` and ``[B, K]``."""
     result = sequence_logps(model, batch, chunk_tokens=chunk_tokens)
     chosen, rejected = batch.split_rows(result.summed)
     chosen_lengths, rejected_lengths = batch.split_rows(result.token_counts)

@@ -96,6 +96,8 @@ def load_model(
         raise OptionError(
             f"cannot load model {path_or_id!r}: not a local folder and the hub could not be reached ({error})"
         ) from error
+    except ValueError as error:  # e.g. a config transformers does not recognise
+        raise OptionError(f"cannot load model {path_or_id!r}: {error}") from error
     except Exception as error:  # noqa: BLE001 - a damaged weight file (SafetensorError, unpickling, ...)
         if not Path(path_or_id).exists():
             raise

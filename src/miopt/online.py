@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from miopt.checkpoint import atomic_directory, atomic_write_json, atomic_write_text, commit_directory
-from miopt.config import option
+from miopt.config import Preset, option
 from miopt.errors import DataError, OptionError
 from miopt.evaluation.runner import complete_records
 from miopt.evaluation.tasks import EvalRecord
@@ -76,16 +76,17 @@ RESUME_FIXED = (
 
 # Preference-stage settings on the built-in task with the built-in SFT start (as in default_run);
 # any option given on the command line or in --config wins.
-BUILTIN_DEFAULTS: dict[str, Any] = {
-    "objective": "mio",
-    "beta": 0.5,
-    "learning_rate": 5e-5,
-    "batch_size": 16,
-    "lr_scheduler": "constant",
-    "warmup_ratio": 0.0,
-    "max_length": 128,
-    "logging_steps": 5,
-}
+BUILTIN_DEFAULTS = Preset(
+    TrainOptions,
+    objective="mio",
+    beta=0.5,
+    learning_rate=5e-5,
+    batch_size=16,
+    lr_scheduler="constant",
+    warmup_ratio=0.0,
+    max_length=128,
+    logging_steps=5,
+)
 
 
 @dataclass
@@ -516,10 +517,10 @@ def run_online(options: OnlineOptions) -> dict[str, Any]:
     )
 
     if last < 0:  # round 0: the starting policy and its held-out accuracy
-        from accelerate import Accelerator
+        from miopt.loop import make_accelerator
 
         started = time.perf_counter()
-        device = Accelerator(mixed_precision="bf16" if options.bf16 else "no").device
+        device = make_accelerator(options.bf16).device
         model = load_model(start, tokenizer, dtype=options.dtype, seed=options.seed).to(device)
         temporary = atomic_directory(round_dir(output_dir, 0))
         if start == "builtin":
@@ -569,10 +570,9 @@ def run_round(
     options: OnlineOptions, index: int, task: OnlineTask, verifier, tokenizer, start_dir: str
 ) -> dict[str, Any]:
     """Round ``index`` (>= 1): sample, verify, pair, update, evaluate, commit ``round-NNN``."""
-    from accelerate import Accelerator
-
     from miopt.data.tokenize import tokenize_examples
-    from miopt.logprobs import unwrap
+    from miopt.loop import make_accelerator
+    from miopt.modeling import unwrap
     from miopt.models import load_model
     from miopt.train import save_model, train_on_examples
 
@@ -580,7 +580,7 @@ def run_round(
     started = time.perf_counter()
     policy = start_dir if index == 1 else str(round_dir(output_dir, index - 1))
     reference = start_dir if options.reference_mode == "start" and index > 1 else None
-    accelerator = Accelerator(mixed_precision="bf16" if options.bf16 else "no")
+    accelerator = make_accelerator(options.bf16)
     model = load_model(policy, tokenizer, dtype=options.dtype, seed=options.seed).to(accelerator.device)
 
     records = [

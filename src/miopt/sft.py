@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from miopt import models
 from miopt.checkpoint import atomic_write_json
 from miopt.config import option
+from miopt.data import load_sft_records
 from miopt.data.tokenize import TokenizedExample, tokenize_sft
 from miopt.errors import OptionError
-from miopt.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps, unwrap
+from miopt.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps
 from miopt.loop import (
     LoopOptions,
     check_loop_options,
@@ -26,6 +28,7 @@ from miopt.loop import (
     run_loop,
     sharded_setup,
 )
+from miopt.modeling import unwrap
 from miopt.option_checks import check_model_options
 from miopt.packing import make_batch
 from miopt.plots import plot_training_curves
@@ -109,9 +112,6 @@ def sft_on_examples(
 
 def sft(options: SFTOptions) -> dict[str, Any]:
     """``miopt sft`` on files: validate all records first, then train and save."""
-    from miopt.data import load_sft_records
-    from miopt.models import load_model
-
     check_loop_options(options)
     check_model_options(options)
     if not options.model or not options.data:
@@ -119,6 +119,6 @@ def sft(options: SFTOptions) -> dict[str, Any]:
     with RunFolder(options) as folder:
         folder.check()
         tokenizer, examples, _, _ = load_examples(options, load_sft_records, tokenize_sft)
-        model = load_model(options.model, tokenizer, dtype=options.dtype, seed=options.seed)
+        model = models.load_model(options.model, tokenizer, dtype=options.dtype, seed=options.seed)
         folder.start()
         return sft_on_examples(options, model, tokenizer, examples)

@@ -20,12 +20,14 @@ from typing import Any
 
 import torch
 
-from miopt import objectives
+from miopt import models, objectives
+from miopt.attention import block_attention
 from miopt.checkpoint import atomic_directory, atomic_write_json, move_files_into
 from miopt.config import option
+from miopt.data import load_preference_records
 from miopt.data.tokenize import TokenizedExample, fingerprint, tokenize_preferences
 from miopt.errors import OptionError
-from miopt.logprobs import DEFAULT_CHUNK_TOKENS, pair_logps, unwrap
+from miopt.logprobs import DEFAULT_CHUNK_TOKENS, pair_logps
 from miopt.loop import (
     LoopOptions,
     check_loop_options,
@@ -34,6 +36,7 @@ from miopt.loop import (
     run_loop,
     sharded_setup,
 )
+from miopt.modeling import disable_dropout, unwrap
 from miopt.objectives.base import masked_mean
 from miopt.option_checks import check_model_options, check_preference_ranges
 from miopt.packing import PACKINGS, make_batch
@@ -115,6 +118,12 @@ class TrainOptions(ModelOptions, LoopOptions):
         "'packed' (no padding), 'padded' (plain; the reference). See miopt.packing.",
         choices=list(PACKINGS),
     )
+    disable_dropout: bool = option(
+        True,
+        "Set every dropout of the policy and reference model to 0 (TRL's disable_dropout); "
+        "'--disable-dropout false' keeps the model's own (the log-probs are then noisy, and the policy's "
+        "differ from the reference's before any update). --lora-dropout is applied either way.",
+    )
     chosen_decline_warning: float = option(
         5.0, "Warn when the mean chosen log-prob falls this many nats below the reference (0 disables)."
     )
@@ -150,8 +159,6 @@ def check_train_options(options: TrainOptions) -> None:
     if options.merge_lora and not options.lora_r:
         raise OptionError("--merge-lora needs --lora-r > 0")
     if options.load_in_4bit:
-        from miopt.models import check_4bit_available
-
         if not options.lora_r:
             raise OptionError(
                 "--load-in-4bit needs --lora-r > 0 (a 4-bit base is frozen; only adapters train)"
@@ -161,7 +168,7 @@ def check_train_options(options: TrainOptions) -> None:
                 "--merge-lora with --load-in-4bit would merge into quantised weights; save the adapter and "
                 "merge it into the full-precision base afterwards (docs/distributed.md)"
             )
-        check_4bit_available()
+        models.check_4bit_available()
 
 
 class ChosenDeclineMonitor:
@@ -304,16 +311,21 @@ def reference_logps(
     options: TrainOptions, policy, examples, pad_token_id: int, accelerator
 ) -> tuple[ReferenceLogps, bool]:
     """Cached reference log-probs; the reference model is loaded only on a cache miss."""
-    from miopt.models import load_model, model_fingerprint
-
     source = options.ref_model or options.model
-    parts = [model_fingerprint(source, seed=options.seed), fingerprint(examples), options.dtype, options.bf16]
+    parts = [
+        models.model_fingerprint(source, seed=options.seed),
+        fingerprint(examples),
+        options.dtype,
+        options.bf16,
+    ]
     if options.load_in_4bit and not options.ref_model:
         parts.append("nf4")
     path = Path(options.cache_dir or default_cache_dir()) / "reference" / f"{cache_key(*parts)}.safetensors"
 
     def compute() -> ReferenceLogps:
-        model = load_model(options.ref_model, dtype=options.dtype) if options.ref_model else policy
+        model = models.load_model(options.ref_model, dtype=options.dtype) if options.ref_model else policy
+        if options.disable_dropout:
+            disable_dropout(model)
         if not getattr(model, "is_loaded_in_4bit", False):  # a quantised model is placed at load
             model.to(accelerator.device)
         return compute_reference_logps(
@@ -341,9 +353,7 @@ def load_examples(options: ModelOptions, load_records, tokenize, *, report: bool
     """Tokenizer of ``options.model`` and the validated, tokenised records of ``options.data``:
     ``load_records`` reads and checks them, ``tokenize`` applies the truncation rule. Returns
     (tokenizer, examples, load report, tokenise report); an empty result is an error."""
-    from miopt.models import load_tokenizer
-
-    tokenizer = load_tokenizer(options.model)
+    tokenizer = models.load_tokenizer(options.model)
     records, load_report = load_records(options.data, tokenizer, skip_invalid=options.skip_invalid)
     examples, token_report = tokenize(
         records,
@@ -365,9 +375,6 @@ def load_examples(options: ModelOptions, load_records, tokenize, *, report: bool
 
 def train(options: TrainOptions) -> dict[str, Any]:
     """Run ``miopt train`` on files: validate everything, then train and save. Returns the summary."""
-    from miopt.data import load_preference_records
-    from miopt.models import load_model
-
     check_train_options(options)
     if not options.model:
         raise OptionError("--model is required with --data (a model folder, hub id, or 'builtin')")
@@ -379,7 +386,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         tokenizer, examples, load_report, token_report = load_examples(
             options, load_preference_records, tokenize_preferences, report=main
         )
-        model = load_model(
+        model = models.load_model(
             options.model,
             tokenizer,
             dtype=options.dtype,
@@ -422,6 +429,8 @@ def train_on_examples(
     )
     objective = objectives.get(options.objective, sft_weight=options.sft_weight)
     started = time.perf_counter()
+    if options.disable_dropout:  # before LoRA: an explicit --lora-dropout stays
+        disable_dropout(model)
     reference, cached = None, False
     reference_model = None
     needs_reference = not objectives.is_reference_free(objective)
@@ -436,12 +445,12 @@ def train_on_examples(
         model = apply_lora(model, options)
     elif needs_reference and options.reference == "on-the-fly":
         if options.ref_model:
-            from miopt.models import load_model
-
-            reference_model = load_model(options.ref_model, dtype=options.dtype)
+            reference_model = models.load_model(options.ref_model, dtype=options.dtype)
         else:
             reference_model = copy.deepcopy(model)
         reference_model.requires_grad_(False).eval().to(accelerator.device)
+        if options.disable_dropout:
+            disable_dropout(reference_model)
     step = make_step_function(
         objective,
         PreferenceData(examples, reference),
@@ -454,15 +463,16 @@ def train_on_examples(
     )
     monitor = ChosenDeclineMonitor(options.chosen_decline_warning, objective=options.objective)
     stateful = {"objective": objective} if hasattr(objective, "state_dict") else {}
-    result = run_loop(
-        options,
-        model=model,
-        num_examples=len(examples),
-        step_fn=step,
-        stateful=stateful,
-        on_log=monitor if main else None,
-        accelerator=accelerator,
-    )
+    with block_attention(model), block_attention(reference_model):
+        result = run_loop(
+            options,
+            model=model,
+            num_examples=len(examples),
+            step_fn=step,
+            stateful=stateful,
+            on_log=monitor if main else None,
+            accelerator=accelerator,
+        )
     state_dict = full_state_dict(accelerator, model)
     summary: dict[str, Any] = {}
     if main:

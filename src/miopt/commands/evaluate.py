@@ -57,27 +57,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(name: str, *, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
-    """(model, tokenizer) from a folder with ``from_pretrained``, or the built-in tiny model."""
+    """(model, tokenizer) of a folder, hub id or 'builtin', through :mod:`miopt.models` (the loader every
+    command uses), on ``device`` (``auto``: CUDA when available)."""
     import torch
+
+    from miopt.models import load_model as load
+    from miopt.models import load_tokenizer
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "builtin":
-        from miopt.builtin import build_model, build_tokenizer
-
-        tokenizer = build_tokenizer()
-        model = build_model(tokenizer)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        kwargs: dict[str, Any] = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-        except Exception as error:  # noqa: BLE001 - missing folder, damaged weights (SafetensorError), ...
-            raise OptionError(f"cannot load model {name!r}: {type(error).__name__}: {error}") from error
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(name)
+    model = load(name, tokenizer, dtype=None if dtype == "auto" else dtype)
     return model.to(device), tokenizer
 
 
@@ -100,7 +90,7 @@ def check_eval_options(options: EvalOptions) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from miopt.evaluation.io import write_json_atomic, write_jsonl_atomic
-    from miopt.evaluation.runner import evaluate
+    from miopt.evaluation.runner import EvalSettings, evaluate
     from miopt.evaluation.tasks import few_shot_prefix, load_records
 
     options = resolve(EvalOptions, args)
@@ -130,10 +120,7 @@ def run(args: argparse.Namespace) -> int:
         prefix = few_shot_prefix(examples)
 
     model, tokenizer = load_model(options.model, device=options.device, dtype=options.dtype)
-    summary, predictions = evaluate(
-        model,
-        tokenizer,
-        records,
+    settings = EvalSettings(
         max_new_tokens=options.max_new_tokens,
         batch_size=options.batch_size,
         num_samples=options.num_samples,
@@ -147,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         pass_k=options.pass_k,
         progress=options.progress,
     )
+    summary, predictions = evaluate(model, tokenizer, records, settings)
     summary = {"model": options.model, "data": options.data, **summary, "options": as_dict(options)}
 
     low, high = summary["ci95"]

@@ -14,29 +14,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, OnlineOptions)
 
 
-def explicit_options(args: argparse.Namespace) -> set[str]:
-    """Options set on the command line or in the --config file (these win over built-in defaults)."""
-    given = {key for key in vars(args) if not key.startswith("_")} - {"command", "config"}
-    config = getattr(args, "config", None)
-    if config:
-        from miopt.config import load_yaml
-
-        given |= set(load_yaml(config))
-    return given
-
-
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from miopt.config import resolve
     from miopt.online import ARITHMETIC, BUILTIN_DEFAULTS, OnlineOptions, run_online
 
     options = resolve(OnlineOptions, args)
     if options.model is None and options.data == ARITHMETIC:
-        explicit = explicit_options(args)
-        options = dataclasses.replace(
-            options, **{key: value for key, value in BUILTIN_DEFAULTS.items() if key not in explicit}
-        )
+        # the built-in task's preset sits below the YAML file and the flags
+        options = resolve(OnlineOptions, args, preset=BUILTIN_DEFAULTS)
     summary = run_online(options)
     before, after = summary["heldout_before"], summary["heldout_after"]
     if before is not None and after is not None:

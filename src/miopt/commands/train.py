@@ -20,9 +20,10 @@ def run(args: argparse.Namespace) -> int:
 
     options = resolve(TrainOptions, args)
     if options.model is None and options.data is None:
-        from miopt.default_run import run_default
+        from miopt.default_run import DEFAULT_PREFERENCE_OPTIONS, run_default
 
-        run_default(options, explicit=set(vars(args)) - {"command", "_run", "config"})
+        # the default run's preset sits below the YAML file and the flags
+        run_default(resolve(TrainOptions, args, preset=DEFAULT_PREFERENCE_OPTIONS))
         return 0
     summary = train(options)
     if not summary:  # not the main process of a distributed run

@@ -26,7 +26,7 @@ from miopt.evaluation.answers import (
 from miopt.evaluation.choice import ChoiceScores, loglikelihoods, score_choices
 from miopt.evaluation.generation import cut_at_stop, generate
 from miopt.evaluation.metrics import accuracy, majority_vote, pass_at_k, wilson_interval
-from miopt.evaluation.runner import DEFAULT_STOPS, evaluate, evaluate_arithmetic
+from miopt.evaluation.runner import DEFAULT_STOPS, EvalSettings, evaluate, evaluate_arithmetic
 from miopt.evaluation.tasks import EvalRecord, arithmetic_records, few_shot_prefix, load_records
 from miopt.tasks.gsm8k import GSM8K_PROMPT, gsm8k_prompt
 
@@ -44,6 +44,7 @@ __all__ = [
     "check_math",
     "check_number",
     "cut_at_stop",
+    "EvalSettings",
     "evaluate",
     "evaluate_arithmetic",
     "extract_boxed",

@@ -1,7 +1,7 @@
 """The built-in multi-step arithmetic task.
 
 Problems ``Q: a+b-c(+d)=?`` with operands 1-99 and no negative intermediate result; the worked
-solution writes one step per operation and ends ``A: <answer>`` (docs/calibration.md). Generation
+solution writes one step per operation and ends ``A: <answer>`` (``a+b=x. x-c=y. A: y``). Generation
 is deterministic by seed; the train and held-out splits never share a question.
 """
 
