@@ -182,8 +182,8 @@ def step_throughput(out: Path, dry: bool) -> dict:
 
 TOY_DEFAULT = (
     "from miopt.default_run import DefaultTask, run_default; from miopt.train import TrainOptions; "
-    "task = DefaultTask(sft_problems=64, preference_prompts=48, heldout_problems=16, sft_steps=4, "
-    "sft_batch_size=16, max_new_tokens=24); "
+    "task = DefaultTask(sft_problems=64, preference_prompts=32, heldout_problems=8, sft_steps=20, "
+    "sft_batch_size=16, max_new_tokens=20); "
     "options = TrainOptions(progress=False, max_steps=2, batch_size=8, logging_steps=1); "
     "run_default(options, explicit={'progress', 'max_steps', 'batch_size', 'logging_steps'}, task=task)"
 )
