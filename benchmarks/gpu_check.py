@@ -106,6 +106,20 @@ def install_wheels(folder: Path, log: Path) -> dict:
     return result
 
 
+def install_miopt(folder: Path, log: Path) -> str:
+    """``pip install --no-deps --no-index --find-links WHEELS -e .`` where miopt is not installed (the
+    build backend, setuptools and wheel, comes from the wheels folder)."""
+    if _installed("miopt"):
+        return "ok: already installed"
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--find-links", str(folder)]
+    code, _ = run_logged([*command, "-e", str(ROOT)], log, 300)
+    return (
+        "ok: installed (editable)"
+        if code == 0
+        else f"failed: pip exited {code}; src/ is on PYTHONPATH instead"
+    )
+
+
 def versions() -> dict:
     import torch
 
@@ -307,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "cpu-dry-run" if dry else "gpu",
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "wheels": install_wheels(Path(args.wheels), log),
+        "miopt_install": install_miopt(Path(args.wheels), log),
     }
     report["versions"] = versions()
     report["steps"] = {}
