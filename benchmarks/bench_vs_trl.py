@@ -195,17 +195,23 @@ def _rss_mb(field_name: str = "VmRSS") -> float:
 
 def matmul_gflops(n: int = 1024, repeats: int = 7, bf16: bool = False) -> float:
     """Dense matmul throughput of this process (median of ``repeats``), GFLOP/s: fp32, or bf16 when
-    both sides train in bf16 mixed precision (their matmuls then run in bf16)."""
+    both sides train in bf16 mixed precision (their matmuls then run in bf16). On a GPU (where the
+    sides train) the matmul runs there, at n = 8192 so that it reaches the device's rate."""
     import torch
 
     dtype = torch.bfloat16 if bf16 else torch.float32
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    cuda = torch.cuda.is_available()
+    n = 8192 if cuda else n
+    a, b = (torch.randn(n, n, dtype=dtype, device="cuda" if cuda else "cpu") for _ in range(2))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(2):
         a @ b
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         a @ b
+        sync()
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times) / 1e9
 
@@ -324,6 +330,7 @@ def side_miopt(spec: dict) -> dict:
     assert report.truncated == 0 and report.skipped == 0, report.describe()
     pad = tokenizer.pad_token_id
     accelerator = make_accelerator(spec["bf16"])
+    model.to(accelerator.device)  # the reference pass on the training device, as TRL's precomputation
     reference = compute_reference_logps(
         model,
         examples,
@@ -384,13 +391,17 @@ def run_side(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     before = matmul_gflops(bf16=spec["bf16"])
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # the peak of the side, not of the matmul's operands
     result = side_trl(spec) if spec["side"] == "trl" else side_miopt(spec)
+    peak_cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     after = matmul_gflops(bf16=spec["bf16"])
     result.update(
         matmul_gflops=(before + after) / 2,
         matmul_gflops_before_after=(before, after),
         peak_rss_mb=_rss_mb("VmHWM"),
-        peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        peak_cuda_mb=peak_cuda_mb,
         threads=torch.get_num_threads(),
     )
     return result

@@ -23,11 +23,15 @@ def save_figure(figure, path: str | Path) -> None:
 
 
 def plot_training_curves(history: Sequence[dict[str, float]], path: str | Path, title: str = "") -> bool:
-    """One panel per group of metrics against ``step``; returns False when there is nothing to plot."""
+    """One panel per group of metrics against ``step``; returns False when there is nothing to plot
+    or matplotlib is not installed."""
     rows = [row for row in history if "step" in row]
     if not rows:
         return False
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a minimal install (e.g. a bare GPU machine, docs/gpu.md): no curves.png
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

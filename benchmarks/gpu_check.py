@@ -1,0 +1,345 @@
+"""One prepared check of miopt on a GPU: one command, one JSON report and one log, in under 8 minutes.
+
+    python benchmarks/gpu_check.py runs/gpu-check                 # on a machine with a CUDA GPU
+    python benchmarks/gpu_check.py runs/gpu-dry --cpu-dry-run     # the same steps at toy sizes on CPU
+
+Steps (each in its own subprocess with its own time budget; a failure is recorded and the next step
+runs; docs/gpu.md describes each and the report):
+
+* ``cuda_tests``: ``pytest -m cuda tests/test_cuda.py`` (layouts against padded in fp32 and bf16, the
+  fused chunked head, generation with a KV cache, ``miopt train --bf16`` with save, resume, reload);
+* ``fsdp``: ``miopt train`` under Accelerate FSDP2 with one process (full state dict on save, resume)
+  against the same run without FSDP: equal losses and weights;
+* ``throughput``: miopt against TRL's DPOTrainer on a ~370M-parameter random Llama (32k vocabulary),
+  GSM8K pairs shipped in ``benchmarks/data``, bf16, same batch and length: pairs/s, peak CUDA memory,
+  MFU against this machine's measured bf16 matmul rate (``benchmarks/bench_vs_trl.py`` runs the sides);
+* ``default_run``: ``miopt train`` with no arguments: wall time and its printed result.
+
+Before the steps, wheels in ``wheels/`` (``benchmarks/gpu_wheels.sh``) whose distribution is missing
+are installed with ``pip install --no-deps --no-index``. ``src/`` is put first on every child's
+``PYTHONPATH``, so this tree's miopt runs whether or not it is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WHEELS = ROOT / "wheels"
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
+
+STEPS = ("cuda_tests", "fsdp", "throughput", "default_run")
+# seconds per step: on the GPU they sum to 460 s (the check's limit is 480); the dry run is toy-sized
+BUDGETS = {"cuda_tests": 80, "fsdp": 110, "throughput": 150, "default_run": 120}
+DRY_BUDGETS = {"cuda_tests": 120, "fsdp": 60, "throughput": 180, "default_run": 120}
+
+
+def child_env() -> dict:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "src"), str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
+    return env
+
+
+def run_logged(command: list[str], log: Path, timeout: float, **kwargs) -> tuple[int | None, float]:
+    """Run ``command`` with stdout and stderr appended to ``log``; kill its whole process group after
+    ``timeout`` seconds. Returns (exit status or None on timeout, wall seconds)."""
+    start = time.perf_counter()
+    with log.open("a") as stream:
+        stream.write(f"\n$ {' '.join(command)}\n")
+        stream.flush()
+        process = subprocess.Popen(
+            command, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True, **kwargs
+        )
+        try:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            code = None
+    return code, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------ wheels
+
+
+def _wheel_distribution(path: Path) -> str:
+    return path.name.split("-")[0].replace("_", "-").lower()
+
+
+def _installed(name: str) -> bool:
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def install_wheels(folder: Path, log: Path) -> dict:
+    """Install the wheels of ``folder`` whose distribution is not installed (no index, no dependencies)."""
+    wheels = sorted(folder.glob("*.whl")) if folder.is_dir() else []
+    if not wheels:
+        return {"folder": str(folder), "status": "no wheels folder" if not folder.is_dir() else "empty"}
+    missing = [w for w in wheels if not _installed(_wheel_distribution(w))]
+    result = {
+        "folder": str(folder),
+        "available": [w.name for w in wheels],
+        "installed": [w.name for w in missing],
+    }
+    if missing:
+        command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", *map(str, missing)]
+        code, _ = run_logged(command, log, 300)
+        result["status"] = "ok" if code == 0 else f"failed: pip exited {code} (see the log)"
+    else:
+        result["status"] = "ok: all present"
+    return result
+
+
+def install_miopt(folder: Path, log: Path) -> str:
+    """``pip install --no-deps --no-index --find-links WHEELS -e .`` where miopt is not installed (the
+    build backend, setuptools and wheel, comes from the wheels folder)."""
+    if _installed("miopt"):
+        return "ok: already installed"
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--find-links", str(folder)]
+    code, _ = run_logged([*command, "-e", str(ROOT)], log, 300)
+    return (
+        "ok: installed (editable)"
+        if code == 0
+        else f"failed: pip exited {code}; src/ is on PYTHONPATH instead"
+    )
+
+
+def versions() -> dict:
+    import torch
+
+    found = {}
+    for name in ("transformers", "accelerate", "peft", "trl", "datasets", "tokenizers", "safetensors"):
+        found[name] = metadata.version(name) if _installed(name) else None
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpu_cores": os.cpu_count(),
+        **found,
+        "miopt_commit": commit.stdout.strip() or None,
+    }
+
+
+# ------------------------------------------------------------------------------------------- steps
+
+
+def step_cuda_tests(out: Path, dry: bool) -> dict:
+    """``pytest -m cuda tests/test_cuda.py``; on the dry run the same tests on the CPU."""
+    xml = out / "cuda_tests.xml"
+    env = child_env()
+    if dry:
+        env["MIOPT_TEST_DEVICE"] = "cpu"
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"]
+    command += [str(ROOT / "tests" / "test_cuda.py"), f"--junitxml={xml}", "-o", "addopts="]
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    print(completed.stdout[-20000:], completed.stderr[-5000:], sep="\n")
+    return summarise_junit(xml, completed.returncode)
+
+
+def summarise_junit(xml: Path, returncode: int) -> dict:
+    import xml.etree.ElementTree as ElementTree
+
+    if not xml.is_file():
+        return {"status": f"failed: pytest exited {returncode} without a report"}
+    cases = list(ElementTree.parse(xml).getroot().iter("testcase"))
+    outcome = {}
+    for case in cases:
+        name = f"{case.get('classname', '').split('.')[-1]}::{case.get('name')}"
+        kinds = {child.tag for child in case}
+        outcome[name] = next((k for k in ("failure", "error", "skipped") if k in kinds), "passed")
+    counts = {k: sum(v == k for v in outcome.values()) for k in ("passed", "failure", "error", "skipped")}
+    bad = sorted(n for n, v in outcome.items() if v in ("failure", "error"))
+    ok = returncode == 0 and counts["passed"] > 0 and not bad
+    status = "ok" if ok else f"failed: {len(bad)} failed, {counts['passed']} passed, exit {returncode}"
+    return {
+        "status": status,
+        "passed": counts["passed"],
+        "failed": counts["failure"] + counts["error"],
+        "skipped": counts["skipped"],
+        "failed_tests": bad,
+    }
+
+
+def step_fsdp(out: Path, dry: bool) -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"status": "skipped: needs CUDA (Accelerate enables FSDP only on GPUs)"}
+    from gpu_fsdp import compare_fsdp_to_single
+
+    return compare_fsdp_to_single(out / "fsdp", child_env(), log=out / "gpu_check.log")
+
+
+def step_throughput(out: Path, dry: bool) -> dict:
+    from gpu_throughput import run_throughput
+
+    return run_throughput(out / "throughput", dry=dry)
+
+
+TOY_DEFAULT = (
+    "from miopt.default_run import DefaultTask, run_default; from miopt.train import TrainOptions; "
+    "task = DefaultTask(sft_problems=64, preference_prompts=32, heldout_problems=8, sft_steps=20, "
+    "sft_batch_size=16, max_new_tokens=20); "
+    "options = TrainOptions(progress=False, max_steps=2, batch_size=8, logging_steps=1); "
+    "run_default(options, explicit={'progress', 'max_steps', 'batch_size', 'logging_steps'}, task=task)"
+)
+RESULT_LINE = re.compile(
+    r"held-out accuracy \((\d+) problems, greedy\): SFT start ([\d.]+)% -> (\w+) ([\d.]+)%"
+)
+
+
+def step_default_run(out: Path, dry: bool) -> dict:
+    """``miopt train`` with no arguments in a fresh folder and cache; on the dry run a toy-sized task
+    through the same pipeline (``run_default``)."""
+    folder = out / "default_run"
+    folder.mkdir(parents=True, exist_ok=True)
+    env = dict(child_env(), MIOPT_CACHE=str(folder / "cache"))
+    command = [sys.executable, "-c", TOY_DEFAULT] if dry else [sys.executable, "-m", "miopt", "train"]
+    start = time.perf_counter()
+    completed = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    print(completed.stderr[-20000:], completed.stdout, sep="\n")
+    result = {"command": "miopt train" if not dry else "run_default(toy DefaultTask)", "wall_seconds": wall}
+    result["printed"] = completed.stdout.strip().splitlines()[-6:]
+    match = RESULT_LINE.search(completed.stdout)
+    summary_file = folder / "runs" / "default" / "summary.json"
+    if completed.returncode != 0 or not match or not summary_file.is_file():
+        return {**result, "status": f"failed: exit {completed.returncode}, result line found: {bool(match)}"}
+    summary = json.loads(summary_file.read_text())
+    result.update(
+        status="ok",
+        heldout_problems=int(match.group(1)),
+        sft_start_accuracy=summary["sft_start_accuracy"],
+        final_accuracy=summary["final_accuracy"],
+        run_seconds=summary.get("total_seconds"),
+    )
+    return result
+
+
+STEP_FUNCTIONS = {
+    "cuda_tests": step_cuda_tests,
+    "fsdp": step_fsdp,
+    "throughput": step_throughput,
+    "default_run": step_default_run,
+}
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def run_step(name: str, out: Path, dry: bool, budget: float) -> dict:
+    """Run step ``name`` in a child process under ``budget`` seconds; its result, or why there is none."""
+    result_file = out / f"step-{name}.json"
+    result_file.unlink(missing_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), str(out), "--step", name]
+    command += ["--cpu-dry-run"] if dry else []
+    code, wall = run_logged(command, out / "gpu_check.log", budget, cwd=ROOT, env=child_env())
+    if code is None:
+        result = {"status": f"timeout: stopped after its budget of {budget:.0f} s"}
+    elif result_file.is_file():
+        result = json.loads(result_file.read_text())
+    else:
+        result = {"status": f"failed: exited {code} (traceback in the log)"}
+    return {**result, "seconds": round(wall, 1), "budget_seconds": budget}
+
+
+def child_main(name: str, out: Path, dry: bool) -> int:
+    from miopt.checkpoint import atomic_write_json
+
+    print(f"== step {name} ({'cpu dry run' if dry else 'gpu'}) ==", flush=True)
+    result = STEP_FUNCTIONS[name](out, dry)
+    atomic_write_json(out / f"step-{name}.json", result)
+    print(f"== step {name}: {result['status']} ==", flush=True)
+    return 0
+
+
+def describe(name: str, result: dict) -> str:
+    line = f"{name:12s} {result['status']}  ({result['seconds']:.0f} s of {result['budget_seconds']:.0f})"
+    if name == "cuda_tests" and "passed" in result:
+        line += f"\n    {result['passed']} passed, {result['failed']} failed, {result['skipped']} skipped"
+    if name == "fsdp" and "max_loss_difference" in result:
+        line += f"\n    max loss difference {result['max_loss_difference']:.2e}, weights {result['max_weight_difference']:.2e}"
+    if name == "throughput" and "sides" in result:
+        for side, figures in result["sides"].items():
+            line += f"\n    {side}: {figures.get('status', 'ok')}"
+            if "pairs_per_second" in figures:
+                memory = figures["peak_memory_mb"]
+                line += f", {figures['pairs_per_second']:.2f} pairs/s, peak {memory:.0f} MB, MFU {figures['mfu']:.1%}"
+    if name == "default_run" and "final_accuracy" in result:
+        line += f"\n    SFT start {result['sft_start_accuracy']:.1%} -> {result['final_accuracy']:.1%}, wall {result['wall_seconds']:.0f} s"
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("output_dir", help="Folder for report.json and gpu_check.log (created).")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="The same steps at toy sizes on the CPU.")
+    parser.add_argument(
+        "--steps", default=",".join(STEPS), help=f"Comma-separated subset of {', '.join(STEPS)}."
+    )
+    parser.add_argument(
+        "--wheels", default=str(WHEELS), help="Wheels to install where missing (default wheels/)."
+    )
+    parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    out, dry = Path(args.output_dir).resolve(), args.cpu_dry_run
+    out.mkdir(parents=True, exist_ok=True)
+    if args.step:
+        return child_main(args.step, out, dry)
+    steps = [s for s in args.steps.split(",") if s]
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        parser.error(f"--steps: unknown step(s) {', '.join(unknown)}; choose from {', '.join(STEPS)}")
+    import torch
+
+    if not dry and not torch.cuda.is_available():
+        parser.error("no CUDA device found: run with --cpu-dry-run for the CPU rehearsal")
+    log = out / "gpu_check.log"
+    log.write_text(
+        f"gpu_check {'cpu dry run' if dry else 'gpu'} started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
+    )
+    started = time.perf_counter()
+    report = {
+        "mode": "cpu-dry-run" if dry else "gpu",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "wheels": install_wheels(Path(args.wheels), log),
+        "miopt_install": install_miopt(Path(args.wheels), log),
+    }
+    report["versions"] = versions()
+    report["steps"] = {}
+    from miopt.checkpoint import atomic_write_json
+
+    budgets = DRY_BUDGETS if dry else BUDGETS
+    print(f"gpu_check ({report['mode']}): {report['versions']['gpu'] or 'cpu'}; log {log}", flush=True)
+    for name in steps:
+        report["steps"][name] = run_step(name, out, dry, budgets[name])
+        print(describe(name, report["steps"][name]), flush=True)
+        atomic_write_json(out / "report.json", report)  # a partial report survives a killed check
+    report["total_seconds"] = round(time.perf_counter() - started, 1)
+    report["ok"] = all(r["status"].startswith(("ok", "skipped")) for r in report["steps"].values())
+    atomic_write_json(out / "report.json", report)
+    print(f"total {report['total_seconds']:.0f} s; {'all steps ok' if report['ok'] else 'SOME STEPS FAILED'}")
+    print(f"report: {out / 'report.json'}\nlog:    {log}")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
