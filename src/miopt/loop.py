@@ -35,6 +35,7 @@ from miopt.checkpoint import (
 )
 from miopt.config import option
 from miopt.errors import OptionError
+from miopt.trackers import check_trackers, finish_trackers, log_metrics, start_trackers
 
 # (model, example indices of this process's micro-batch) -> (loss, {metric name: scalar tensor})
 StepFunction = Callable[[Any, Sequence[int]], tuple[Tensor, dict[str, Tensor]]]
@@ -76,8 +77,8 @@ class LoopOptions:
         nargs="?",
         const="latest",
     )
-    report_to: str = option(
-        "none", "Also log to TensorBoard (needs the tensorboard package).", choices=["none", "tensorboard"]
+    report_to: list[str] = option(
+        ["none"], "Also log metrics to trackers: tensorboard, wandb, trackio (several at once) or none."
     )
     progress: bool = option(True, "Show a progress bar with ETA.")
 
@@ -106,6 +107,7 @@ def check_loop_options(options: LoopOptions) -> None:
         raise OptionError(f"--warmup-ratio must be in [0, 1), got {options.warmup_ratio}")
     if options.logging_steps < 1:
         raise OptionError("--logging-steps must be >= 1")
+    check_trackers(options.report_to)
 
 
 def _distributed_on_cpu() -> bool:
@@ -359,12 +361,7 @@ def run_loop(
         output_dir.mkdir(parents=True, exist_ok=True)
         _metrics_path(output_dir).unlink(missing_ok=True)
 
-    writer = None
-    if options.report_to == "tensorboard" and accelerator.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(output_dir / "tensorboard"))
-
+    trackers = start_trackers(accelerator, options, output_dir)
     batches = order.iterate(start_step * accumulation)
     progress = tqdm(
         total=total_steps,
@@ -431,18 +428,15 @@ def run_loop(
             if accelerator.is_main_process:
                 with _metrics_path(output_dir).open("a") as file:
                     file.write(json.dumps(record) + "\n")
-                if writer is not None:
-                    for key, value in record.items():
-                        if key != "step":
-                            writer.add_scalar(key, value, step)
+                log_metrics(accelerator, record)
             if on_log is not None:
                 on_log(record)
 
         if options.save_steps and step % options.save_steps == 0 and step < total_steps:
             save_checkpoint(accelerator, output_dir, step, options.save_total_limit)
     progress.close()
-    if writer is not None:
-        writer.close()
+    if trackers:
+        finish_trackers(accelerator)
     return LoopResult(history, total_steps, time.perf_counter() - started, start_step)
 
 
