@@ -157,6 +157,8 @@ def test_online_reward_model_options_fail_before_anything_is_written(
     out = tmp_path / "run"
     assert main(_online(small_model_dir, prompts_file, out, "--reward-model", str(tmp_path / "nope"))) == 2
     assert "--reward-model" in capsys.readouterr().err
+    assert main(_online(small_model_dir, prompts_file, out, "--reward-model", str(small_model_dir))) == 2
+    assert "not a one-score sequence classifier" in capsys.readouterr().err
     assert main(_online(small_model_dir, prompts_file, out, "--verifier", "none")) == 2
     assert "--verifier none needs --reward-model" in capsys.readouterr().err
     assert not out.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,11 +137,8 @@ def check_online_options(options: OnlineOptions) -> None:
         raise OptionError("--eval-limit, --eval-every and --keep-rounds must be >= 0")
     if options.score_margin < 0:
         raise OptionError(f"--score-margin must be >= 0, got {options.score_margin}")
-    if options.reward_model is not None and not Path(options.reward_model, "config.json").is_file():
-        raise OptionError(
-            f"--reward-model {options.reward_model!r}: not a model folder (no config.json); train one with "
-            "miopt reward"
-        )
+    if options.reward_model is not None:
+        check_reward_model_folder(options.reward_model)
     if options.verifier == NO_VERIFIER and options.reward_model is None:
         raise OptionError("--verifier none needs --reward-model (something must score the samples)")
     if options.ref_model:
@@ -155,4 +153,24 @@ def check_online_options(options: OnlineOptions) -> None:
         raise OptionError(
             "--reference-mode start with LoRA needs --reference precompute (on the fly, LoRA's "
             "reference is the round's base, i.e. the previous policy)"
+        )
+
+
+def check_reward_model_folder(path: str) -> None:
+    """``path`` holds a one-score sequence classifier (its config.json says so)."""
+    config_file = Path(path, "config.json")
+    if not config_file.is_file():
+        raise OptionError(
+            f"--reward-model {path!r}: not a model folder (no config.json); train one with miopt reward"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as error:
+        raise OptionError(f"--reward-model {path!r}: cannot read config.json: {error}") from error
+    architectures = config.get("architectures") or []
+    labels = len(config.get("id2label") or {"0": None})
+    if not any(name.endswith("ForSequenceClassification") for name in architectures) or labels != 1:
+        raise OptionError(
+            f"--reward-model {path!r}: not a one-score sequence classifier (architectures {architectures}, "
+            f"{labels} labels); train one with miopt reward"
         )

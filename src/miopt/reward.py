@@ -77,9 +77,6 @@ def load_reward_model(path_or_id: str, tokenizer, *, dtype: str | None = None, s
     """A one-output sequence classifier: the built-in tiny Llama for ``builtin``, else
     ``AutoModelForSequenceClassification.from_pretrained(path_or_id, num_labels=1)``. New weights
     (the built-in model, a new score head) are initialised from ``seed``."""
-    from miopt.models import _check_exists
-
-    _check_exists(path_or_id)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if path_or_id == BUILTIN:
