@@ -206,10 +206,6 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def make_scorer(options: OnlineOptions, device: Any) -> RoundScorer:
     """The verifier (unless ``--verifier none``) and the reward model (with ``--reward-model``)."""
     from miopt.verifiers import load_verifier
