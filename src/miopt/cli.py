@@ -20,6 +20,7 @@ COMMANDS = {
     "toy": "miopt.commands.toy",
     "online": "miopt.commands.online",
     "compare": "miopt.commands.compare",
+    "reward": "miopt.commands.reward",
 }
 
 

@@ -40,6 +40,7 @@ from miopt.engine import (  # noqa: F401 - re-exported: jobs import the set-up f
 from miopt.errors import MioptError, OptionError, require
 from miopt.metrics_sink import METRICS_FILE, MetricsSink  # noqa: F401 - METRICS_FILE re-exported
 from miopt.run_folder import check_output_dir
+from miopt.trackers import check_trackers
 
 # (model, example indices of this process's micro-batch) -> (loss, {metric name: scalar tensor})
 StepFunction = Callable[[Any, Sequence[int]], tuple[Tensor, dict[str, Tensor]]]
@@ -88,8 +89,8 @@ class LoopOptions:
         nargs="?",
         const="latest",
     )
-    report_to: str = option(
-        "none", "Also log to TensorBoard (needs the tensorboard package).", choices=["none", "tensorboard"]
+    report_to: list[str] = option(
+        ["none"], "Also log metrics to trackers: tensorboard, wandb, trackio (several at once) or none."
     )
     progress: bool = option(True, "Show a progress bar with ETA.")
 
@@ -129,6 +130,7 @@ def check_loop_options(options: LoopOptions) -> None:
     require(o.logging_steps >= 1, "--logging-steps", ">= 1", o.logging_steps)
     require(o.save_steps >= 0, "--save-steps", ">= 0 (0: no checkpoints)", o.save_steps)
     require(o.save_total_limit >= 0, "--save-total-limit", ">= 0 (0 keeps all)", o.save_total_limit)
+    check_trackers(o.report_to)
     check_output_dir(o.output_dir)
 
 
@@ -395,9 +397,7 @@ def run_loop(
         remove_stale_temporaries(output_dir, prefix=f".{CHECKPOINT_PREFIX}")
     resumed = _resume(options, accelerator, output_dir)
     start_step = resumed or 0
-    sink = MetricsSink(
-        output_dir, main_process=accelerator.is_main_process, report_to=options.report_to, on_log=on_log
-    )
+    sink = MetricsSink(output_dir, accelerator, options, on_log=on_log)
     history = sink.start(resumed)
     run = _Optimisation(options, accelerator, model, optimizer, scheduler, order)
 

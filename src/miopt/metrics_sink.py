@@ -1,5 +1,5 @@
 """The metrics sink: the one place where a logged row of the loop goes (``metrics.jsonl`` on the
-main process, TensorBoard with ``--report-to tensorboard``, and the job's ``on_log`` callback).
+main process, the ``--report-to`` trackers (:mod:`miopt.trackers`), and the job's ``on_log`` callback).
 
 On resume the file keeps the rows of steps up to the checkpoint; a torn last line (a write cut by
 a full disk or a power loss) is dropped with a message instead of stopping the run.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from miopt.checkpoint import atomic_write_text
 from miopt.errors import MioptError
+from miopt.trackers import finish_trackers, log_metrics, start_trackers
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -45,29 +46,30 @@ def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict[str, fl
 
 class MetricsSink:
     """Receives each logged row (``write``); ``start`` prepares the file for a fresh or resumed run.
-    Trackers (TensorBoard, ...) hang off here, so every row reaches all of them the same way."""
+    The trackers hang off here, so every row reaches all of them the same way."""
 
     def __init__(
         self,
         output_dir: Path,
+        accelerator,
+        options,
         *,
-        main_process: bool,
-        report_to: str = "none",
         on_log: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
         self.path = Path(output_dir) / METRICS_FILE
-        self.main_process, self.on_log = main_process, on_log
-        self.writer = None
-        if report_to == "tensorboard" and main_process:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        self.output_dir, self.accelerator, self.options = Path(output_dir), accelerator, options
+        self.main_process, self.on_log = accelerator.is_main_process, on_log
+        self.trackers: list[str] = []
 
     def start(self, resumed_step: int | None) -> list[dict[str, float]]:
         """Fresh run (``resumed_step`` None): an empty file. Resumed: the rows up to that step, which
-        the run will not write again (the file is rewritten atomically without the others)."""
-        if not self.main_process:
-            return []
+        the run will not write again (the file is rewritten atomically without the others). Then the
+        trackers start."""
+        rows = self._prepare_file(resumed_step) if self.main_process else []
+        self.trackers = start_trackers(self.accelerator, self.options, self.output_dir)
+        return rows
+
+    def _prepare_file(self, resumed_step: int | None) -> list[dict[str, float]]:
         if resumed_step is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.unlink(missing_ok=True)
@@ -81,13 +83,10 @@ class MetricsSink:
         if self.main_process:
             with self.path.open("a", encoding="utf-8") as file:
                 file.write(json.dumps(record) + "\n")
-            if self.writer is not None:
-                for key, value in record.items():
-                    if key != "step":
-                        self.writer.add_scalar(key, value, int(record["step"]))
+            log_metrics(self.accelerator, record)
         if self.on_log is not None:
             self.on_log(record)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.trackers:
+            finish_trackers(self.accelerator)
