@@ -34,6 +34,7 @@ from miopt.loop import (
     run_loop,
     sharded_setup,
 )
+from miopt.objective_flags import given_objective_options, objective_options
 from miopt.objectives.base import masked_mean
 from miopt.packing import PACKINGS, make_batch
 from miopt.plots import plot_training_curves
@@ -77,7 +78,14 @@ class TrainOptions(ModelOptions, LoopOptions):
     data: str | None = option(
         None, "Preference data: JSONL/JSON/Parquet/CSV file, save_to_disk folder, or hub id."
     )
-    objective: str = option("mio", "Objective from the registry (miopt.objectives.available()).")
+    objective: str = option(
+        "mio",
+        "Objective: a registry name (miopt.objectives.available(): mio, dpo, ipo, kto, dpop, cal_dpo, "
+        "apo_zero, ... and TRL's loss_type names) or a weighted sum NAME:WEIGHT,NAME:WEIGHT, e.g. "
+        "'mio:1.0,sft:0.5' (TRL's loss_type list with loss_weights); each term is logged as loss/<name>. "
+        "'rpo' = 'dpo:1.0,sft:1.0'. 'kto' trains on unpaired data (prompt, completion, label; paired rows "
+        "are split).",
+    )
     beta: float = option(
         0.1, "Critic scale: T = beta * (log pi - log pi_ref) (DPO's beta, Rafailov et al. 2023)."
     )
@@ -89,6 +97,12 @@ class TrainOptions(ModelOptions, LoopOptions):
     label_smoothing: float | None = option(None, "Label-noise rate of 'robust' (Chowdhury et al. 2024).")
     simpo_gamma: float | None = option(None, "Target margin gamma of 'simpo' (Meng et al. 2024).")
     sft_weight: float = option(0.0, "Add weight x chosen NLL per token to the loss (RPO, Pang et al. 2024).")
+    objective_option: list[str] | None = option(
+        None,
+        "Objective options as KEY=VALUE (repeatable), checked against the objective's declared options "
+        "before anything loads, e.g. dpop_lambda=50, discopop_tau=0.05, label_smoothing=0.001 (exo_pair), "
+        "f_divergence_type=js_divergence, desirable_weight=1.0 (kto). See docs/objectives.md.",
+    )
     load_in_4bit: bool = option(
         False, "Load the frozen LoRA base in 4-bit NF4 (QLoRA); needs bitsandbytes and a CUDA GPU."
     )
@@ -118,31 +132,13 @@ class TrainOptions(ModelOptions, LoopOptions):
     )
 
 
-# Objective options a flag can set: flag field -> the objective's keyword.
-OBJECTIVE_FLAGS = {"negatives": "negatives", "label_smoothing": "label_smoothing", "simpo_gamma": "gamma"}
-
-
-def objective_options(options: TrainOptions) -> dict[str, Any]:
-    """Objective keywords set by flags; a flag the objective does not take is an error."""
-    accepted = objectives.option_names(options.objective)
-    chosen = {}
-    for flag, keyword in OBJECTIVE_FLAGS.items():
-        value = getattr(options, flag)
-        if value is None:
-            continue
-        if keyword not in accepted:
-            raise OptionError(f"--{flag.replace('_', '-')} does not apply to objective {options.objective!r}")
-        chosen[keyword] = value
-    return chosen
-
-
 def check_train_options(options: TrainOptions) -> None:
     check_loop_options(options)
-    if options.objective not in objectives.available():
-        raise OptionError(
-            f"unknown objective {options.objective!r}; valid objectives: {', '.join(objectives.available())}"
-        )
     objective_options(options)
+    if options.sft_weight and objectives.is_unpaired(options.objective):
+        raise OptionError(
+            "--sft-weight does not apply to unpaired objectives (kto): there is no chosen response"
+        )
     if options.beta <= 0:
         raise OptionError(f"--beta must be positive, got {options.beta}")
     if options.max_length < 2:
@@ -371,8 +367,14 @@ def train(options: TrainOptions) -> dict[str, Any]:
     main = _is_main_process()
     if main and options.resume is None and Path(options.output_dir, "summary.json").exists():
         print(f"note: {options.output_dir} holds a finished run; its files will be replaced", file=sys.stderr)
+    if objectives.is_unpaired(options.objective):
+        from miopt.data.unpaired import load_unpaired_records, tokenize_unpaired
+
+        load_records, tokenize = load_unpaired_records, tokenize_unpaired
+    else:
+        load_records, tokenize = load_preference_records, tokenize_preferences
     tokenizer, examples, load_report, token_report = load_examples(
-        options, load_preference_records, tokenize_preferences, report=main
+        options, load_records, tokenize, report=main
     )
     model = load_model(
         options.model, tokenizer, dtype=options.dtype, seed=options.seed, load_in_4bit=options.load_in_4bit
@@ -410,7 +412,16 @@ def train_on_examples(
     chunk_tokens = sharded_setup(
         accelerator, logprob_chunk=options.logprob_chunk, merge_lora=options.merge_lora
     )
-    objective = objectives.get(options.objective, sft_weight=options.sft_weight)
+    objective = objectives.build(
+        options.objective, given_objective_options(options), sft_weight=options.sft_weight
+    )
+    unpaired = objectives.is_unpaired(options.objective)
+    if unpaired:
+        from miopt.unpaired_training import as_unpaired
+
+        examples = as_unpaired(
+            examples, batch_size=options.batch_size, max_length=options.max_length, seed=options.seed
+        )
     started = time.perf_counter()
     reference, cached = None, False
     reference_model = None
@@ -432,14 +443,17 @@ def train_on_examples(
         else:
             reference_model = copy.deepcopy(model)
         reference_model.requires_grad_(False).eval().to(accelerator.device)
-    step = make_step_function(
+    if unpaired:
+        from miopt.unpaired_training import make_unpaired_step_function as make_step
+    else:
+        make_step = make_step_function
+    step = make_step(
         objective,
         PreferenceData(examples, reference),
         beta=options.beta,
         pad_token_id=tokenizer.pad_token_id,
         chunk_tokens=chunk_tokens,
         reference_model=reference_model,
-        objective_kwargs=objective_options(options),
         packing=options.packing,
     )
     monitor = ChosenDeclineMonitor(options.chosen_decline_warning)
