@@ -95,7 +95,10 @@ def test_objective_option_reaches_the_loss(small_model_dir, pairs_file, tmp_path
             ["--objective", "dpo", "--objective-option", "use_weighting=true"],
             "use_weighting is not supported",
         ),
-        (["--objective", "dpo", "--objective-option", "ld_alpha=0.5"], "ld_alpha is not supported"),
+        (
+            ["--objective", "dpo", "--objective-option", "ld_alpha=0.5"],
+            "ld_alpha needs --reference on-the-fly",
+        ),
     ],
 )
 def test_bad_objective_options_fail_before_any_load(extra, message, tmp_path, capsys, monkeypatch):
@@ -235,3 +238,57 @@ def test_option_error_type_is_an_option_error():
 
     with pytest.raises(OptionError):
         objective_options(TrainOptions(objective="dpo", negatives="nope"))
+
+
+# --------------------------------------------------------------------------------------------
+# LD-DPO in the step function
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packing", ["padded", "packed", "shared-prompt"])
+@pytest.mark.parametrize("ld_alpha", [0.0, 0.4, 1.0])
+def test_ld_pair_logps_weights_the_tail_beyond_the_shorter_response(tiny_model, tokenizer, packing, ld_alpha):
+    """Per pair, the first min(|y_w|, |y_l|) tokens count fully and the rest times alpha, in every layout;
+    alpha = 1 is the plain summed log-prob."""
+    import torch
+
+    from miopt.data.tokenize import TokenizedExample, collate
+    from miopt.length_desensitised import ld_pair_logps
+    from miopt.logprobs import pair_logps, sequence_logps
+    from miopt.packing import make_batch
+
+    examples = [
+        TokenizedExample((5, 6, 7), (10, 11, 12, 13, 14), ((20, 21),), "a"),
+        TokenizedExample((8, 9), (30,), ((31, 32, 33), (34, 35)), "b"),
+    ]
+    tiny_model.eval()
+    with torch.no_grad():
+        got = ld_pair_logps(
+            tiny_model, make_batch(examples, 0, packing, tiny_model), chunk_tokens=64, ld_alpha=ld_alpha
+        )
+        padded = collate(examples, 0)
+        per_token = sequence_logps(tiny_model, padded, chunk_tokens=0).per_token
+        plain = pair_logps(tiny_model, padded, chunk_tokens=0)
+
+    def expected(row: int, prompt: int, length: int, shared: int) -> float:
+        tokens = per_token[row, prompt : prompt + length]
+        return float(tokens[:shared].sum() + ld_alpha * tokens[shared:].sum())
+
+    # Rows of the padded layout: chosen a, chosen b, then rejected a0, b0, b1.
+    # Lengths: a 5 vs 2 (shared 2); b 1 vs 3 and 2 (chosen shares 1 with its shortest, each rejected 1).
+    want_chosen = [expected(0, 3, 5, 2), expected(1, 2, 1, 1)]
+    want_rejected = [[expected(2, 3, 2, 2), 0.0], [expected(3, 2, 3, 1), expected(4, 2, 2, 1)]]
+    torch.testing.assert_close(got.chosen, torch.tensor(want_chosen), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        got.rejected * got.rejected_mask, torch.tensor(want_rejected), rtol=1e-5, atol=1e-5
+    )
+    if ld_alpha == 1.0:
+        torch.testing.assert_close(got.chosen, plain.chosen, rtol=1e-5, atol=1e-5)
+
+
+def test_ld_alpha_trains_with_an_on_the_fly_reference(small_model_dir, pairs_file, tmp_path):
+    out = tmp_path / "run"
+    args = _args(small_model_dir, pairs_file, out, "--max-steps", "1", "--objective", "dpo")
+    assert main([*args, "--reference", "on-the-fly", "--objective-option", "ld_alpha=0.5"]) == 0
+    (row,) = _metrics(out)
+    assert row["loss"] == pytest.approx(math.log(2.0), abs=1e-5)  # policy = reference at the first step

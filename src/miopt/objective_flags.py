@@ -21,8 +21,7 @@ OBJECTIVE_FLAGS = {"negatives": "negatives", "label_smoothing": "label_smoothing
 UNSUPPORTED_IN_TRAIN = {
     "use_weighting": "needs each token's sum over the vocabulary of squared probabilities, which the chunked "
     "log-prob head does not compute (available in the objectives API: miopt.objectives.with_wpo_weighting)",
-    "ld_alpha": "needs per-token reference log-probs, which the reference cache (summed log-probs) does not "
-    "hold (available in the objectives API: miopt.objectives.ld_logps)",
+    "ld_alpha": "needs per-token reference log-probs, which the reference cache (summed log-probs) does not hold",
 }
 
 
@@ -55,7 +54,18 @@ def objective_options(options) -> dict[str, dict[str, Any]]:
                 message = f"--{flag.replace('_', '-')}: {message}"
         raise OptionError(message) from None
     for term in resolved.values():
-        if term.get("use_weighting") or term.get("ld_alpha", 1.0) != 1.0:
-            key = "use_weighting" if term.get("use_weighting") else "ld_alpha"
-            raise OptionError(f"{key} is not supported by miopt train: it {UNSUPPORTED_IN_TRAIN[key]}")
+        if term.get("use_weighting"):
+            raise OptionError(
+                f"use_weighting is not supported by miopt train: it {UNSUPPORTED_IN_TRAIN['use_weighting']}"
+            )
+        if "ld_alpha" in term and getattr(options, "reference", "on-the-fly") != "on-the-fly":
+            raise OptionError(f"ld_alpha needs --reference on-the-fly: it {UNSUPPORTED_IN_TRAIN['ld_alpha']}")
     return resolved
+
+
+def ld_alpha_of(options) -> float | None:
+    """The LD-DPO ``ld_alpha`` set for the objective (a log-prob transform the step function applies)."""
+    values = {term["ld_alpha"] for term in objective_options(options).values() if "ld_alpha" in term}
+    if len(values) > 1:
+        raise OptionError("ld_alpha must be the same for every term of a combination")
+    return values.pop() if values else None

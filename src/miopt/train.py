@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ from miopt.checkpoint import atomic_directory, atomic_write_json, move_files_int
 from miopt.config import option
 from miopt.data.tokenize import TokenizedExample, fingerprint, tokenize_preferences
 from miopt.errors import OptionError
+from miopt.length_desensitised import ld_pair_logps
 from miopt.logprobs import DEFAULT_CHUNK_TOKENS, pair_logps, unwrap
 from miopt.loop import (
     LoopOptions,
@@ -34,7 +36,7 @@ from miopt.loop import (
     run_loop,
     sharded_setup,
 )
-from miopt.objective_flags import given_objective_options, objective_options
+from miopt.objective_flags import given_objective_options, ld_alpha_of, objective_options
 from miopt.objectives.base import masked_mean
 from miopt.packing import PACKINGS, make_batch
 from miopt.plots import plot_training_curves
@@ -45,6 +47,7 @@ from miopt.reference import (
     default_cache_dir,
     load_or_compute,
 )
+from miopt.unpaired_training import as_unpaired, make_unpaired_step_function
 
 
 @dataclass
@@ -198,24 +201,29 @@ def make_step_function(
     reference_model=None,
     objective_kwargs: dict[str, Any] | None = None,
     packing: str = "shared-prompt",
+    ld_alpha: float | None = None,
 ):
     """The training step: one forward over chosen and rejected rows, reference log-probs from the
     cache (or a reference forward), the objective, and the metrics under TRL's names."""
     objective_kwargs = objective_kwargs or {}
     reference_free = objectives.is_reference_free(objective)
+    # LD-DPO (ld_alpha): length-desensitised log-probs for policy and reference (miopt.length_desensitised).
+    pair_fn = pair_logps if ld_alpha is None else functools.partial(ld_pair_logps, ld_alpha=ld_alpha)
 
     def step(model, indices: Sequence[int]):
         examples = [data.examples[i] for i in indices]
         device = next(unwrap(model).parameters()).device
         batch = make_batch(examples, pad_token_id, packing, model).to(device)
-        policy = pair_logps(model, batch, chunk_tokens=chunk_tokens)
+        policy = pair_fn(model, batch, chunk_tokens=chunk_tokens)
         ref_chosen = ref_rejected = None
         if not reference_free:
             if data.reference is not None:
                 ref_chosen, ref_rejected = data.reference.select(indices, batch.rejected_shape[1])
                 ref_chosen, ref_rejected = ref_chosen.to(device), ref_rejected.to(device)
             else:
-                ref_chosen, ref_rejected = on_the_fly_reference(model, reference_model, batch, chunk_tokens)
+                ref_chosen, ref_rejected = on_the_fly_reference(
+                    model, reference_model, batch, chunk_tokens, pair_fn
+                )
         output = objectives.compute(
             objective,
             policy.chosen,
@@ -243,13 +251,13 @@ def make_step_function(
 
 
 @torch.no_grad()
-def on_the_fly_reference(model, reference_model, batch, chunk_tokens: int):
+def on_the_fly_reference(model, reference_model, batch, chunk_tokens: int, pair_fn=pair_logps):
     """Reference log-probs by a forward pass: a frozen model, or the policy with LoRA adapters off."""
     if reference_model is None:
         with unwrap(model).disable_adapter():
-            result = pair_logps(model, batch, chunk_tokens=chunk_tokens)
+            result = pair_fn(model, batch, chunk_tokens=chunk_tokens)
     else:
-        result = pair_logps(reference_model, batch, chunk_tokens=chunk_tokens)
+        result = pair_fn(reference_model, batch, chunk_tokens=chunk_tokens)
     return result.chosen.detach(), result.rejected.detach()
 
 
@@ -417,8 +425,6 @@ def train_on_examples(
     )
     unpaired = objectives.is_unpaired(options.objective)
     if unpaired:
-        from miopt.unpaired_training import as_unpaired
-
         examples = as_unpaired(
             examples, batch_size=options.batch_size, max_length=options.max_length, seed=options.seed
         )
@@ -443,10 +449,10 @@ def train_on_examples(
         else:
             reference_model = copy.deepcopy(model)
         reference_model.requires_grad_(False).eval().to(accelerator.device)
-    if unpaired:
-        from miopt.unpaired_training import make_unpaired_step_function as make_step
-    else:
-        make_step = make_step_function
+    ld_alpha = None if unpaired else ld_alpha_of(options)
+    make_step = (
+        make_unpaired_step_function if unpaired else functools.partial(make_step_function, ld_alpha=ld_alpha)
+    )
     step = make_step(
         objective,
         PreferenceData(examples, reference),

@@ -16,7 +16,8 @@
   Optimization"): summed log-probs replaced by ``shared + alpha * tail``, the tokens up to the shorter
   response's length counted fully and the rest weighted by ``alpha`` (:func:`ld_logps`), for the
   policy and the reference alike. It needs per-token log-probs of the reference too, which the
-  reference cache (summed log-probs) does not hold.
+  reference cache (summed log-probs) does not hold: ``miopt train`` applies it with
+  ``--reference on-the-fly`` (:mod:`miopt.length_desensitised`).
 """
 
 from __future__ import annotations
