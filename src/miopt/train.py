@@ -104,7 +104,7 @@ class TrainOptions(ModelOptions, LoopOptions):
         None,
         "Objective options as KEY=VALUE (repeatable), checked against the objective's declared options "
         "before anything loads, e.g. dpop_lambda=50, discopop_tau=0.05, label_smoothing=0.001 (exo_pair), "
-        "f_divergence_type=js_divergence, desirable_weight=1.0 (kto). See docs/objectives.md.",
+        "f_divergence_type=js_divergence, desirable_weight=1.0 (kto). See README, Objectives.",
     )
     load_in_4bit: bool = option(
         False, "Load the frozen LoRA base in 4-bit NF4 (QLoRA); needs bitsandbytes and a CUDA GPU."
