@@ -292,3 +292,17 @@ def test_ld_alpha_trains_with_an_on_the_fly_reference(small_model_dir, pairs_fil
     assert main([*args, "--reference", "on-the-fly", "--objective-option", "ld_alpha=0.5"]) == 0
     (row,) = _metrics(out)
     assert row["loss"] == pytest.approx(math.log(2.0), abs=1e-5)  # policy = reference at the first step
+
+
+def test_compare_accepts_every_name_and_combination(tmp_path):
+    from miopt.compare import CompareOptions, check_compare_options
+
+    names = [*objectives.available(), "mio:1.0,sft:0.5", "dpo:1,sft:1"]
+    check_compare_options(CompareOptions(output_dir=str(tmp_path), objectives=names))
+    for bad, match in [
+        ("mio:x", "must be a number"),
+        ("nope", "unknown objective 'nope'"),
+        ("kto,sft", "cannot be combined"),
+    ]:
+        with pytest.raises(OptionError, match=match):
+            check_compare_options(CompareOptions(output_dir=str(tmp_path), objectives=["dpo", bad]))

@@ -191,8 +191,8 @@ def sigmoid_norm(
     rejected_mask: Tensor | None = None,
 ) -> ObjectiveOutput:
     """Length-normalised DPO: ``-log sigmoid(T_w / |y_w| - T_l / |y_l|)``, each critic divided by its
-    response's token count (the sigmoid loss on per-token log-ratios, as in the length-normalised
-    DPO variants, e.g. SimPO's normalisation with a reference, Meng et al. 2024 section 2).
+    response's token count (the DPO sigmoid loss on per-token log-ratios; the length-normalised DPO of
+    Tulu 3, Lambert et al. 2024, section 5, which Meng et al. 2024 compare SimPO with).
 
     TRL counterpart ``loss_type="sigmoid_norm"``: coincides exactly (TRL divides by the
     completion-mask token counts, miopt by the response token counts: the same numbers).
