@@ -306,3 +306,10 @@ def test_compare_accepts_every_name_and_combination(tmp_path):
     ]:
         with pytest.raises(OptionError, match=match):
             check_compare_options(CompareOptions(output_dir=str(tmp_path), objectives=["dpo", bad]))
+
+
+def test_toy_rejects_kto_and_accepts_combinations(tmp_path, capsys):
+    assert main(["toy", "--output-dir", str(tmp_path / "a"), "--objectives", "kto"]) == 2
+    assert "unpaired data" in capsys.readouterr().err
+    assert main(["toy", "--output-dir", str(tmp_path / "b"), "--objectives", "mio:x"]) == 2
+    assert "must be a number" in capsys.readouterr().err
