@@ -339,10 +339,11 @@ def check_compare_options(options: CompareOptions) -> None:
         raise OptionError("--objectives needs at least one name")
     if len(set(options.objectives)) != len(options.objectives):
         raise OptionError(f"--objectives repeats a name: {' '.join(options.objectives)}")
-    valid = objectives.available()
-    unknown = [name for name in options.objectives if name not in valid]
-    if unknown:
-        raise OptionError(f"unknown objective(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    for name in options.objectives:  # registry names, TRL names and NAME:WEIGHT,... combinations
+        try:
+            objectives.parse_spec(name)
+        except ValueError as error:
+            raise OptionError(f"--objectives: {error}") from None
     if options.seeds is not None and options.seeds < 1:
         raise OptionError(f"--seeds must be at least 1, got {options.seeds}")
     for name in ("max_steps", "batch_size", "sft_steps", "eval_limit"):

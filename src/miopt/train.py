@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ from miopt.config import option
 from miopt.data import load_preference_records
 from miopt.data.tokenize import TokenizedExample, fingerprint, tokenize_preferences
 from miopt.errors import OptionError
+from miopt.length_desensitised import ld_pair_logps
 from miopt.logprobs import DEFAULT_CHUNK_TOKENS, pair_logps
 from miopt.loop import (
     LoopOptions,
@@ -37,6 +39,7 @@ from miopt.loop import (
     sharded_setup,
 )
 from miopt.modeling import disable_dropout, unwrap
+from miopt.objective_flags import given_objective_options, ld_alpha_of, objective_options
 from miopt.objectives.base import masked_mean
 from miopt.option_checks import check_model_options, check_preference_ranges
 from miopt.packing import PACKINGS, make_batch
@@ -49,6 +52,7 @@ from miopt.reference import (
     load_or_compute,
 )
 from miopt.run_folder import RunFolder
+from miopt.unpaired_training import as_unpaired, make_unpaired_step_function
 
 
 @dataclass
@@ -82,7 +86,14 @@ class TrainOptions(ModelOptions, LoopOptions):
     data: str | None = option(
         None, "Preference data: JSONL/JSON/Parquet/CSV file, save_to_disk folder, or hub id."
     )
-    objective: str = option("mio", "Objective from the registry (miopt.objectives.available()).")
+    objective: str = option(
+        "mio",
+        "Objective: a registry name (miopt.objectives.available(): mio, dpo, ipo, kto, dpop, cal_dpo, "
+        "apo_zero, ... and TRL's loss_type names) or a weighted sum NAME:WEIGHT,NAME:WEIGHT, e.g. "
+        "'mio:1.0,sft:0.5' (TRL's loss_type list with loss_weights); each term is logged as loss/<name>. "
+        "'rpo' = 'dpo:1.0,sft:1.0'. 'kto' trains on unpaired data (prompt, completion, label; paired rows "
+        "are split).",
+    )
     beta: float = option(
         0.1, "Critic scale: T = beta * (log pi - log pi_ref) (DPO's beta, Rafailov et al. 2023)."
     )
@@ -94,6 +105,12 @@ class TrainOptions(ModelOptions, LoopOptions):
     label_smoothing: float | None = option(None, "Label-noise rate of 'robust' (Chowdhury et al. 2024).")
     simpo_gamma: float | None = option(None, "Target margin gamma of 'simpo' (Meng et al. 2024).")
     sft_weight: float = option(0.0, "Add weight x chosen NLL per token to the loss (RPO, Pang et al. 2024).")
+    objective_option: list[str] | None = option(
+        None,
+        "Objective options as KEY=VALUE (repeatable), checked against the objective's declared options "
+        "before anything loads, e.g. dpop_lambda=50, discopop_tau=0.05, label_smoothing=0.001 (exo_pair), "
+        "f_divergence_type=js_divergence, desirable_weight=1.0 (kto). See README, Objectives.",
+    )
     load_in_4bit: bool = option(
         False, "Load the frozen LoRA base in 4-bit NF4 (QLoRA); needs bitsandbytes and a CUDA GPU."
     )
@@ -129,33 +146,15 @@ class TrainOptions(ModelOptions, LoopOptions):
     )
 
 
-# Objective options a flag can set: flag field -> the objective's keyword.
-OBJECTIVE_FLAGS = {"negatives": "negatives", "label_smoothing": "label_smoothing", "simpo_gamma": "gamma"}
-
-
-def objective_options(options: TrainOptions) -> dict[str, Any]:
-    """Objective keywords set by flags; a flag the objective does not take is an error."""
-    accepted = objectives.option_names(options.objective)
-    chosen = {}
-    for flag, keyword in OBJECTIVE_FLAGS.items():
-        value = getattr(options, flag)
-        if value is None:
-            continue
-        if keyword not in accepted:
-            raise OptionError(f"--{flag.replace('_', '-')} does not apply to objective {options.objective!r}")
-        chosen[keyword] = value
-    return chosen
-
-
 def check_train_options(options: TrainOptions) -> None:
     check_loop_options(options)
     check_model_options(options)
-    if options.objective not in objectives.available():
+    objective_options(options)
+    if options.sft_weight and objectives.is_unpaired(options.objective):
         raise OptionError(
-            f"unknown objective {options.objective!r}; valid objectives: {', '.join(objectives.available())}"
+            "--sft-weight does not apply to unpaired objectives (kto): there is no chosen response"
         )
     check_preference_ranges(options)
-    objective_options(options)
     if options.merge_lora and not options.lora_r:
         raise OptionError("--merge-lora needs --lora-r > 0")
     if options.load_in_4bit:
@@ -213,24 +212,29 @@ def make_step_function(
     reference_model=None,
     objective_kwargs: dict[str, Any] | None = None,
     packing: str = "shared-prompt",
+    ld_alpha: float | None = None,
 ):
     """The training step: one forward over chosen and rejected rows, reference log-probs from the
     cache (or a reference forward), the objective, and the metrics under TRL's names."""
     objective_kwargs = objective_kwargs or {}
     reference_free = objectives.is_reference_free(objective)
+    # LD-DPO (ld_alpha): length-desensitised log-probs for policy and reference (miopt.length_desensitised).
+    pair_fn = pair_logps if ld_alpha is None else functools.partial(ld_pair_logps, ld_alpha=ld_alpha)
 
     def step(model, indices: Sequence[int]):
         examples = [data.examples[i] for i in indices]
         device = next(unwrap(model).parameters()).device
         batch = make_batch(examples, pad_token_id, packing, model).to(device)
-        policy = pair_logps(model, batch, chunk_tokens=chunk_tokens)
+        policy = pair_fn(model, batch, chunk_tokens=chunk_tokens)
         ref_chosen = ref_rejected = None
         if not reference_free:
             if data.reference is not None:
                 ref_chosen, ref_rejected = data.reference.select(indices, batch.rejected_shape[1])
                 ref_chosen, ref_rejected = ref_chosen.to(device), ref_rejected.to(device)
             else:
-                ref_chosen, ref_rejected = on_the_fly_reference(model, reference_model, batch, chunk_tokens)
+                ref_chosen, ref_rejected = on_the_fly_reference(
+                    model, reference_model, batch, chunk_tokens, pair_fn
+                )
         output = objectives.compute(
             objective,
             policy.chosen,
@@ -258,13 +262,13 @@ def make_step_function(
 
 
 @torch.no_grad()
-def on_the_fly_reference(model, reference_model, batch, chunk_tokens: int):
+def on_the_fly_reference(model, reference_model, batch, chunk_tokens: int, pair_fn=pair_logps):
     """Reference log-probs by a forward pass: a frozen model, or the policy with LoRA adapters off."""
     if reference_model is None:
         with unwrap(model).disable_adapter():
-            result = pair_logps(model, batch, chunk_tokens=chunk_tokens)
+            result = pair_fn(model, batch, chunk_tokens=chunk_tokens)
     else:
-        result = pair_logps(reference_model, batch, chunk_tokens=chunk_tokens)
+        result = pair_fn(reference_model, batch, chunk_tokens=chunk_tokens)
     return result.chosen.detach(), result.rejected.detach()
 
 
@@ -383,8 +387,14 @@ def train(options: TrainOptions) -> dict[str, Any]:
     main = _is_main_process()
     with RunFolder(options, main_process=main) as folder:
         folder.check()
+        if objectives.is_unpaired(options.objective):
+            from miopt.data.unpaired import load_unpaired_records, tokenize_unpaired
+
+            load_records, tokenize = load_unpaired_records, tokenize_unpaired
+        else:
+            load_records, tokenize = load_preference_records, tokenize_preferences
         tokenizer, examples, load_report, token_report = load_examples(
-            options, load_preference_records, tokenize_preferences, report=main
+            options, load_records, tokenize, report=main
         )
         model = models.load_model(
             options.model,
@@ -427,7 +437,14 @@ def train_on_examples(
     chunk_tokens = sharded_setup(
         accelerator, logprob_chunk=options.logprob_chunk, merge_lora=options.merge_lora
     )
-    objective = objectives.get(options.objective, sft_weight=options.sft_weight)
+    objective = objectives.build(
+        options.objective, given_objective_options(options), sft_weight=options.sft_weight
+    )
+    unpaired = objectives.is_unpaired(options.objective)
+    if unpaired:
+        examples = as_unpaired(
+            examples, batch_size=options.batch_size, max_length=options.max_length, seed=options.seed
+        )
     started = time.perf_counter()
     if options.disable_dropout:  # before LoRA: an explicit --lora-dropout stays
         disable_dropout(model)
@@ -451,14 +468,17 @@ def train_on_examples(
         reference_model.requires_grad_(False).eval().to(accelerator.device)
         if options.disable_dropout:
             disable_dropout(reference_model)
-    step = make_step_function(
+    ld_alpha = None if unpaired else ld_alpha_of(options)
+    make_step = (
+        make_unpaired_step_function if unpaired else functools.partial(make_step_function, ld_alpha=ld_alpha)
+    )
+    step = make_step(
         objective,
         PreferenceData(examples, reference),
         beta=options.beta,
         pad_token_id=tokenizer.pad_token_id,
         chunk_tokens=chunk_tokens,
         reference_model=reference_model,
-        objective_kwargs=objective_options(options),
         packing=options.packing,
     )
     monitor = ChosenDeclineMonitor(options.chosen_decline_warning, objective=options.objective)

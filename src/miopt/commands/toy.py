@@ -52,11 +52,13 @@ def _validate(options: ToyOptions) -> None:
 
     if not options.output_dir:
         raise OptionError("--output-dir is required")
-    unknown = [name for name in options.objectives if name not in objectives.available()]
-    if unknown:
-        raise OptionError(
-            f"unknown objective(s) {', '.join(unknown)}; valid objectives: {', '.join(objectives.available())}"
-        )
+    for name in options.objectives:  # registry names and NAME:WEIGHT,... combinations
+        try:
+            unpaired = objectives.is_unpaired(name)
+        except ValueError as error:
+            raise OptionError(str(error)) from None
+        if unpaired:
+            raise OptionError(f"{name} trains on unpaired data; the toy has preference pairs only")
     if not options.objectives:
         raise OptionError("--objectives needs at least one name")
     if options.steps < 1:

@@ -4,68 +4,60 @@ Every objective is called as
 ``objective(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
 beta=..., **options)`` with summed response log-probs (chosen ``[B]``, rejected ``[B]`` or
 ``[B, K]`` with ``rejected_mask``) and returns an :class:`ObjectiveOutput` whose ``losses`` is
-``[B]``. Add an objective: write the function (estimators.py or baselines.py), add one line
-to ``_REGISTRY``, add one test.
+``[B]``. Add an objective: write the function (a module of its family), add one
+:class:`~miopt.objectives.registry.Entry` (with its options' valid values) to the registry, add
+its tests. Specs such as ``"mio:1.0,sft:0.5"`` combine objectives with weights
+(:func:`build`); :func:`resolve_options` validates options before anything is loaded.
 """
 
 from __future__ import annotations
-
-import inspect
-from collections.abc import Callable
 
 from torch import Tensor
 
 from miopt.objectives.base import Objective, ObjectiveOutput, accepts
 from miopt.objectives.baselines import BCO, hinge, ipo, robust, simpo
+from miopt.objectives.decline import cal_dpo, dpop
 from miopt.objectives.estimators import dv, js, nwj
+from miopt.objectives.kto import KTOOutput, kto
+from miopt.objectives.modifiers import (
+    f_divergence_score,
+    ld_logps,
+    with_f_divergence,
+    with_wpo_weighting,
+    wpo_token_terms,
+)
+from miopt.objectives.options import ObjectiveOptionError, OptionSpec
+from miopt.objectives.registry import (
+    NAMED_COMBINATIONS,
+    TRL_ALIASES,
+    Combination,
+    UnknownObjectiveError,
+    available,
+    build,
+    entry,
+    get,
+    is_unpaired,
+    option_names,
+    options_of,
+    parse_spec,
+    resolve_options,
+)
 from miopt.objectives.sft import continued_sft, with_sft_term
-
-# name -> the objective, or a class whose instance is the objective (stateful objectives).
-_REGISTRY: dict[str, Callable[..., ObjectiveOutput] | type] = {
-    "mio": js,  # the paper's MIO: JS estimator, marginal negatives
-    "dpo": dv,  # DPO: DV estimator, marginal negatives
-    "dv": dv,
-    "js": js,
-    "nwj": nwj,
-    "ipo": ipo,
-    "hinge": hinge,
-    "robust": robust,
-    "simpo": simpo,
-    "bco": BCO,
-    "sft": continued_sft,  # the continued-SFT control: NLL of the chosen responses only
-}
-
-
-class UnknownObjectiveError(ValueError):
-    """Raised for a name that is not in the registry; the message lists the valid names."""
-
-
-def available() -> list[str]:
-    """Names accepted by :func:`get`."""
-    return list(_REGISTRY)
-
-
-def get(name: str, sft_weight: float = 0.0) -> Objective:
-    """The objective registered as ``name``, optionally plus an SFT term of weight ``sft_weight``."""
-    if name not in _REGISTRY:
-        raise UnknownObjectiveError(f"unknown objective {name!r}; valid objectives: {', '.join(available())}")
-    entry = _REGISTRY[name]
-    objective = entry() if inspect.isclass(entry) else entry
-    # Any non-zero weight goes through with_sft_term, which rejects negative weights.
-    return with_sft_term(objective, sft_weight) if sft_weight != 0 else objective
+from miopt.objectives.trl_losses import (
+    aot,
+    aot_unpaired,
+    apo_down,
+    apo_zero,
+    discopop,
+    exo_pair,
+    sigmoid_norm,
+    sppo_hard,
+)
 
 
 def is_reference_free(objective: Objective) -> bool:
     """Whether the objective ignores reference log-probs (no reference pass is needed)."""
     return bool(getattr(objective, "reference_free", False))
-
-
-def option_names(name: str) -> list[str]:
-    """The keyword options the named objective accepts (besides the four log-prob tensors)."""
-    entry = _REGISTRY[name]
-    target = entry.__call__ if inspect.isclass(entry) else entry
-    params = inspect.signature(target).parameters.values()
-    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
 def compute(
@@ -81,7 +73,7 @@ def compute(
     rejected_lengths: Tensor | None = None,
     **options,
 ) -> ObjectiveOutput:
-    """Call ``objective`` passing batch-provided options (lengths) only where it accepts them."""
+    """Call ``objective`` passing batch-provided options (lengths, labels, ...) only where it accepts them."""
     batch_options = {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
     for key, value in batch_options.items():
         if value is not None and accepts(objective, key):
@@ -99,21 +91,49 @@ def compute(
 
 __all__ = [
     "BCO",
+    "NAMED_COMBINATIONS",
+    "TRL_ALIASES",
+    "Combination",
+    "KTOOutput",
     "Objective",
+    "ObjectiveOptionError",
     "ObjectiveOutput",
+    "OptionSpec",
     "UnknownObjectiveError",
+    "aot",
+    "aot_unpaired",
+    "apo_down",
+    "apo_zero",
     "available",
+    "build",
+    "cal_dpo",
     "compute",
     "continued_sft",
+    "discopop",
+    "dpop",
     "dv",
+    "entry",
+    "exo_pair",
+    "f_divergence_score",
     "get",
     "hinge",
     "ipo",
     "is_reference_free",
+    "is_unpaired",
     "js",
+    "kto",
+    "ld_logps",
     "nwj",
     "option_names",
+    "options_of",
+    "parse_spec",
+    "resolve_options",
     "robust",
+    "sigmoid_norm",
     "simpo",
+    "sppo_hard",
+    "with_f_divergence",
     "with_sft_term",
+    "with_wpo_weighting",
+    "wpo_token_terms",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -43,6 +43,8 @@ class ObjectiveOutput:
     mi_bound: Tensor
     chosen_grad_weight: Tensor
     rejected_grad_weight: Tensor
+    # A combination's per-term losses ``[B]`` (detached, unweighted), logged as ``loss/<name>``.
+    terms: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def mean_rejected_rewards(self) -> Tensor:
@@ -69,6 +71,7 @@ class ObjectiveOutput:
             "mi_bound": self.mi_bound.mean(),
             "grad_weight/chosen": self.chosen_grad_weight.mean(),
             "grad_weight/rejected": self.rejected_grad_weight.mean(),
+            **{f"loss/{name}": losses.mean() for name, losses in self.terms.items()},
         }
 
 

@@ -1,0 +1,71 @@
+"""Objective options from ``miopt train``'s flags, validated by the registry before anything loads.
+
+The dedicated flags (``--negatives``, ``--label-smoothing``, ``--simpo-gamma``) and the generic
+``--objective-option KEY=VALUE`` are collected and checked by
+:func:`miopt.objectives.resolve_options` against the options each objective declares, so a new
+objective's options are validated without touching the commands.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from miopt import objectives
+from miopt.errors import OptionError
+
+# Objective options a flag can set: flag field -> the objective's keyword.
+OBJECTIVE_FLAGS = {"negatives": "negatives", "label_smoothing": "label_smoothing", "simpo_gamma": "gamma"}
+
+
+# Modifiers whose inputs the step function does not compute (documented in miopt.objectives.modifiers).
+UNSUPPORTED_IN_TRAIN = {
+    "use_weighting": "needs each token's sum over the vocabulary of squared probabilities, which the chunked "
+    "log-prob head does not compute (available in the objectives API: miopt.objectives.with_wpo_weighting)",
+    "ld_alpha": "needs per-token reference log-probs, which the reference cache (summed log-probs) does not hold",
+}
+
+
+def given_objective_options(options) -> dict[str, Any]:
+    """Objective options set by flags (--negatives, --label-smoothing, --simpo-gamma) and --objective-option."""
+    given: dict[str, Any] = {}
+    for flag, keyword in OBJECTIVE_FLAGS.items():
+        value = getattr(options, flag)
+        if value is not None:
+            given[keyword] = value
+    for item in options.objective_option or []:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"--objective-option takes KEY=VALUE, got {item!r}")
+        given[key.strip()] = value.strip()
+    return given
+
+
+def objective_options(options) -> dict[str, dict[str, Any]]:
+    """The objective's options, validated against its registry declaration: ``{term: {option: value}}``."""
+    try:
+        resolved = objectives.resolve_options(options.objective, given_objective_options(options))
+    except ValueError as error:  # unknown name, bad weight, option not taken or out of range
+        message = str(error)
+        for flag, keyword in OBJECTIVE_FLAGS.items():  # name the flag that set a rejected option
+            words = message.split(" ")
+            if getattr(options, flag) is not None and (
+                words[0] == keyword or words[:2] == ["option", keyword]
+            ):
+                message = f"--{flag.replace('_', '-')}: {message}"
+        raise OptionError(message) from None
+    for term in resolved.values():
+        if term.get("use_weighting"):
+            raise OptionError(
+                f"use_weighting is not supported by miopt train: it {UNSUPPORTED_IN_TRAIN['use_weighting']}"
+            )
+        if "ld_alpha" in term and getattr(options, "reference", "on-the-fly") != "on-the-fly":
+            raise OptionError(f"ld_alpha needs --reference on-the-fly: it {UNSUPPORTED_IN_TRAIN['ld_alpha']}")
+    return resolved
+
+
+def ld_alpha_of(options) -> float | None:
+    """The LD-DPO ``ld_alpha`` set for the objective (a log-prob transform the step function applies)."""
+    values = {term["ld_alpha"] for term in objective_options(options).values() if "ld_alpha" in term}
+    if len(values) > 1:
+        raise OptionError("ld_alpha must be the same for every term of a combination")
+    return values.pop() if values else None
