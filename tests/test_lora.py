@@ -40,8 +40,8 @@ def _examples(tokenizer, pairs_file):
 def test_reference_with_adapters_disabled_equals_base_model(tiny_model, tokenizer, pairs_file):
     from miopt.data.tokenize import collate
     from miopt.logprobs import pair_logps
-    from miopt.reference import compute_reference_logps
-    from miopt.train import TrainOptions, apply_lora, on_the_fly_reference
+    from miopt.reference import compute_reference_logps, on_the_fly_reference
+    from miopt.train import TrainOptions, apply_lora
 
     examples = _examples(tokenizer, pairs_file)
     base = copy.deepcopy(tiny_model).eval()

@@ -296,7 +296,8 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(full_run, capsys):
 
 def test_online_refuses_a_used_folder_unless_overwrite(tmp_path):
     from miopt.errors import OptionError
-    from miopt.online import ROUNDS_FILE, OnlineOptions, prepare_output
+    from miopt.online_options import OnlineOptions
+    from miopt.online_output import ROUNDS_FILE, prepare_output
 
     folder = tmp_path / "online"
     folder.mkdir()

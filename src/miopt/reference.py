@@ -23,6 +23,7 @@ from torch import Tensor
 from miopt.checkpoint import atomic_write_bytes
 from miopt.data.tokenize import TokenizedExample
 from miopt.logprobs import pair_logps
+from miopt.modeling import unwrap
 from miopt.packing import make_batch
 
 
@@ -181,3 +182,14 @@ def load_or_compute(
     if distributed:
         accelerator.wait_for_everyone()
     return logps, False
+
+
+@torch.no_grad()
+def on_the_fly_reference(model, reference_model, batch, chunk_tokens: int, pair_fn=pair_logps):
+    """Reference log-probs by a forward pass: a frozen model, or the policy with LoRA adapters off."""
+    if reference_model is None:
+        with unwrap(model).disable_adapter():
+            result = pair_fn(model, batch, chunk_tokens=chunk_tokens)
+    else:
+        result = pair_fn(reference_model, batch, chunk_tokens=chunk_tokens)
+    return result.chosen.detach(), result.rejected.detach()

@@ -50,6 +50,7 @@ from miopt.reference import (
     compute_reference_logps,
     default_cache_dir,
     load_or_compute,
+    on_the_fly_reference,
 )
 from miopt.run_folder import RunFolder
 from miopt.unpaired_training import as_unpaired, make_unpaired_step_function
@@ -259,17 +260,6 @@ def make_step_function(
         return output.losses.mean(), metrics
 
     return step
-
-
-@torch.no_grad()
-def on_the_fly_reference(model, reference_model, batch, chunk_tokens: int, pair_fn=pair_logps):
-    """Reference log-probs by a forward pass: a frozen model, or the policy with LoRA adapters off."""
-    if reference_model is None:
-        with unwrap(model).disable_adapter():
-            result = pair_fn(model, batch, chunk_tokens=chunk_tokens)
-    else:
-        result = pair_fn(reference_model, batch, chunk_tokens=chunk_tokens)
-    return result.chosen.detach(), result.rejected.detach()
 
 
 def apply_lora(model, options: ModelOptions):

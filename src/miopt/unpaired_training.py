@@ -19,8 +19,10 @@ from torch import Tensor
 from miopt import objectives
 from miopt.data.tokenize import TokenizedExample
 from miopt.data.unpaired import UnpairedExample, split_pairs, with_mismatched_completions
-from miopt.logprobs import pair_logps, unwrap
+from miopt.logprobs import pair_logps
+from miopt.modeling import unwrap
 from miopt.packing import make_batch
+from miopt.reference import on_the_fly_reference
 
 
 def as_unpaired(
@@ -56,7 +58,6 @@ def make_unpaired_step_function(
     packing: str = "shared-prompt",
 ):
     """The training step on unpaired examples (``data.examples`` of :class:`UnpairedExample`)."""
-    from miopt.train import on_the_fly_reference
 
     objective_kwargs = objective_kwargs or {}
 
