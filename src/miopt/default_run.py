@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from miopt.checkpoint import atomic_directory, atomic_write_json, cache_lock, commit_directory
-from miopt.config import Preset
+from miopt.config import Preset, resolve
 from miopt.reference import default_cache_dir
 from miopt.tasks import arithmetic
 from miopt.train import TrainOptions, train_on_examples
@@ -135,17 +135,19 @@ def on_policy_pairs(model, tokenizer, problems, task: DefaultTask, *, max_length
 
 
 def run_default(
-    options: TrainOptions, explicit: set[str] | None = None, task: DefaultTask | None = None
+    options: TrainOptions | None = None, explicit: set[str] | None = None, task: DefaultTask | None = None
 ) -> dict:
     """The whole default pipeline. ``options`` come layered (``miopt train`` resolves them with
-    :data:`DEFAULT_PREFERENCE_OPTIONS`); for options built by hand, ``explicit`` names the fields set,
-    and the preset fills the others."""
+    :data:`DEFAULT_PREFERENCE_OPTIONS`; None: the preset over the built-in defaults); for options built
+    by hand, ``explicit`` names the fields set, and the preset fills the others."""
     from miopt.builtin import build_tokenizer
     from miopt.evaluation import evaluate_arithmetic
     from miopt.evaluation.metrics import wilson_interval
     from miopt.models import load_model
 
     task = task or DefaultTask()
+    if options is None:
+        options = resolve(TrainOptions, preset=DEFAULT_PREFERENCE_OPTIONS)
     if explicit is not None:
         preset = {key: value for key, value in DEFAULT_PREFERENCE_OPTIONS.items() if key not in explicit}
         options = dataclasses.replace(options, **preset)
