@@ -115,7 +115,9 @@ def test_a_different_run_into_a_used_folder_is_refused_and_overwrite_gives_a_cle
     assert json.loads((used / "run.json").read_text())["objective"] == "dpo"  # untouched
     assert _checkpoints(used) == ["checkpoint-0000002", "checkpoint-0000004"]
 
+    (used / "notes.txt").write_text("mine")  # not a run file: --overwrite keeps it
     assert main(_args(full_run.model, full_run.data, used, *other, "--overwrite")) == 0
+    assert (used / "notes.txt").read_text() == "mine"
     summary = json.loads((used / "summary.json").read_text())
     assert summary["objective"] == "mio" and summary["steps"] == 2 and summary["resumed_from_step"] == 0
     assert _checkpoints(used) == ["checkpoint-0000001"]  # its own, not outranked by the old run's

@@ -45,7 +45,7 @@ from miopt.config import option
 from miopt.errors import DataError, OptionError
 from miopt.evaluation.runner import complete_records
 from miopt.evaluation.tasks import EvalRecord
-from miopt.run_folder import LOCK_FILE
+from miopt.run_folder import remove_run_files
 from miopt.train import TrainOptions, check_train_options
 
 ROUNDS_FILE = "rounds.jsonl"
@@ -400,10 +400,7 @@ def prepare_output(options: OnlineOptions) -> tuple[dict[str, Any] | None, list[
         raise OptionError("--resume and --overwrite exclude each other (continue the run, or replace it)")
     if not options.resume:
         if (done or (output_dir / ROUNDS_FILE).exists()) and options.overwrite:
-            _log(f"--overwrite: removing the previous run's files from {output_dir}")
-            for path in output_dir.iterdir():
-                if path.name != LOCK_FILE:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            remove_run_files(output_dir)
         elif done or (output_dir / ROUNDS_FILE).exists():
             raise OptionError(
                 f"{output_dir} already holds an online run; pass --resume to continue it, --overwrite to "
