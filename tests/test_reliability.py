@@ -307,3 +307,17 @@ def test_online_refuses_a_used_folder_unless_overwrite(tmp_path):
         prepare_output(OnlineOptions(output_dir=str(folder)))
     assert prepare_output(OnlineOptions(output_dir=str(folder), overwrite=True)) == (None, [], -1)
     assert not (folder / ROUNDS_FILE).exists()
+
+
+def test_sft_claims_its_folder_too(small_model_dir, tmp_path, capsys):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}:", "completion": " yes"}) + "\n" for i in range(8)))
+    out = tmp_path / "sft"
+    args = ["sft", "--model", str(small_model_dir), "--data", str(data), "--output-dir", str(out),
+            "--max-steps", "1", "--batch-size", "4", "--progress", "false"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((out / "run.json").read_text())["learning_rate"] == 2e-5
+    assert main([*args, "--learning-rate", "1e-3"]) == 2
+    assert "already holds another run" in capsys.readouterr().err
+    assert main([*args, "--learning-rate", "1e-3", "--resume"]) == 2
+    assert "--learning-rate 2e-05 -> 0.001" in capsys.readouterr().err
