@@ -321,3 +321,22 @@ def test_sft_claims_its_folder_too(small_model_dir, tmp_path, capsys):
     assert "already holds another run" in capsys.readouterr().err
     assert main([*args, "--learning-rate", "1e-3", "--resume"]) == 2
     assert "--learning-rate 2e-05 -> 0.001" in capsys.readouterr().err
+
+
+def test_resume_compares_data_by_contents_not_by_path(tmp_path):
+    from miopt.errors import OptionError
+    from miopt.run_folder import RunFolder
+    from miopt.train import TrainOptions
+
+    first, moved = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    moved.write_bytes(first.read_bytes())
+    out = tmp_path / "run"
+    with RunFolder(TrainOptions(output_dir=str(out), data=str(first))) as folder:
+        folder.start()
+    with RunFolder(TrainOptions(output_dir=str(out), data=str(moved), resume="latest")) as folder:
+        folder.check()  # the same data, moved: accepted
+    moved.write_text('{"prompt": "p", "chosen": "a", "rejected": "c"}\n')
+    with pytest.raises(OptionError, match="the data file's contents"):
+        with RunFolder(TrainOptions(output_dir=str(out), data=str(moved), resume="latest")) as folder:
+            folder.check()

@@ -71,7 +71,8 @@ def source_fingerprint(source: str | None) -> str | None:
     digest = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for file in files:
-        digest.update(str(file.relative_to(path) if file != path else file.name).encode() + b"\0")
+        if file != path:  # a folder's files by relative path; a single file by its bytes alone
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
         with file.open("rb") as handle:
             while chunk := handle.read(1 << 22):
                 digest.update(chunk)
@@ -119,8 +120,12 @@ def _describe(identity: dict[str, Any]) -> str:
 
 def _changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Changed defining options; an option only one side knows (a miopt version that added or
-    dropped it) is not a change."""
+    dropped it) is not a change, nor is a moved data file with the same contents."""
     keys = sorted(set(stored) & set(current))
+    if stored.get("data_sha256") == current.get("data_sha256") and not str(
+        current.get("data_sha256")
+    ).startswith("name:"):
+        keys = [key for key in keys if key != "data"]
     return [
         f"--{key.replace('_', '-')} {stored.get(key)!r} -> {current.get(key)!r}"
         if key != "data_sha256"
