@@ -420,6 +420,10 @@ def run_loop(
         remove_stale_temporaries(output_dir, prefix=f".{CHECKPOINT_PREFIX}")
     resumed = _resume(options, accelerator, output_dir)
     start_step = resumed or 0
+    if start_step > total_steps:
+        raise OptionError(
+            f"--resume: the checkpoint is at step {start_step}, beyond this run's {total_steps} steps"
+        )
     sink = MetricsSink(
         output_dir, main_process=accelerator.is_main_process, report_to=options.report_to, on_log=on_log
     )
