@@ -115,7 +115,9 @@ def test_a_different_run_into_a_used_folder_is_refused_and_overwrite_gives_a_cle
     assert json.loads((used / "run.json").read_text())["objective"] == "dpo"  # untouched
     assert _checkpoints(used) == ["checkpoint-0000002", "checkpoint-0000004"]
 
+    (used / "notes.txt").write_text("mine")  # not a run file: --overwrite keeps it
     assert main(_args(full_run.model, full_run.data, used, *other, "--overwrite")) == 0
+    assert (used / "notes.txt").read_text() == "mine"
     summary = json.loads((used / "summary.json").read_text())
     assert summary["objective"] == "mio" and summary["steps"] == 2 and summary["resumed_from_step"] == 0
     assert _checkpoints(used) == ["checkpoint-0000001"]  # its own, not outranked by the old run's
@@ -306,3 +308,36 @@ def test_online_refuses_a_used_folder_unless_overwrite(tmp_path):
         prepare_output(OnlineOptions(output_dir=str(folder)))
     assert prepare_output(OnlineOptions(output_dir=str(folder), overwrite=True)) == (None, [], -1)
     assert not (folder / ROUNDS_FILE).exists()
+
+
+def test_sft_claims_its_folder_too(small_model_dir, tmp_path, capsys):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}:", "completion": " yes"}) + "\n" for i in range(8)))
+    out = tmp_path / "sft"
+    args = ["sft", "--model", str(small_model_dir), "--data", str(data), "--output-dir", str(out),
+            "--max-steps", "1", "--batch-size", "4", "--progress", "false"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((out / "run.json").read_text())["learning_rate"] == 2e-5
+    assert main([*args, "--learning-rate", "1e-3"]) == 2
+    assert "already holds another run" in capsys.readouterr().err
+    assert main([*args, "--learning-rate", "1e-3", "--resume"]) == 2
+    assert "--learning-rate 2e-05 -> 0.001" in capsys.readouterr().err
+
+
+def test_resume_compares_data_by_contents_not_by_path(tmp_path):
+    from miopt.errors import OptionError
+    from miopt.run_folder import RunFolder
+    from miopt.train import TrainOptions
+
+    first, moved = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    moved.write_bytes(first.read_bytes())
+    out = tmp_path / "run"
+    with RunFolder(TrainOptions(output_dir=str(out), data=str(first))) as folder:
+        folder.start()
+    with RunFolder(TrainOptions(output_dir=str(out), data=str(moved), resume="latest")) as folder:
+        folder.check()  # the same data, moved: accepted
+    moved.write_text('{"prompt": "p", "chosen": "a", "rejected": "c"}\n')
+    with pytest.raises(OptionError, match="the data file's contents"):
+        with RunFolder(TrainOptions(output_dir=str(out), data=str(moved), resume="latest")) as folder:
+            folder.check()

@@ -223,7 +223,7 @@ def _resume(options: LoopOptions, accelerator, output_dir: Path) -> int | None:
     step; None for a fresh run, also when --resume finds no checkpoint yet (said on stderr)."""
     if not options.resume:
         return None
-    source = resume_checkpoint(output_dir, options.resume)
+    source = _on_main(accelerator, lambda: resume_checkpoint(output_dir, options.resume))
     if source is None:
         if accelerator.is_main_process:
             print(f"--resume: no checkpoint in {output_dir} yet; starting from scratch", file=sys.stderr)
@@ -238,12 +238,37 @@ def _resume(options: LoopOptions, accelerator, output_dir: Path) -> int | None:
     return step
 
 
+def _on_main(accelerator, work: Callable[[], Any]) -> Any:
+    """``work()`` on the main process only (checksums read every file once, not once per process),
+    its result or its MioptError handed to every process."""
+    if accelerator.num_processes == 1:
+        return work()
+    from accelerate.utils import broadcast_object_list
+
+    holder: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            holder = [("ok", work())]
+        except MioptError as error:
+            holder = [("error", str(error))]
+    broadcast_object_list(holder)
+    kind, value = holder[0]
+    if kind == "error":
+        raise MioptError(value)
+    return value
+
+
 def weights_finite(model, accelerator) -> bool:
     """Whether every parameter is finite (on every process); one host synchronisation."""
-    flags = [torch.isfinite(p.detach()).all() for p in model.parameters() if p.numel()]
-    bad = (~torch.stack(flags).all()).float() if flags else torch.zeros(())
+    device = accelerator.device
+    flags = [
+        torch.isfinite(p.detach()).all().to(device)
+        for p in model.parameters()
+        if p.numel() and p.is_floating_point()
+    ]
+    bad = (~torch.stack(flags).all()).float() if flags else torch.zeros((), device=device)
     if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad.to(accelerator.device), "sum")
+        bad = accelerator.reduce(bad, "sum")
     return not bool(bad)
 
 
@@ -397,6 +422,10 @@ def run_loop(
         remove_stale_temporaries(output_dir, prefix=f".{CHECKPOINT_PREFIX}")
     resumed = _resume(options, accelerator, output_dir)
     start_step = resumed or 0
+    if start_step > total_steps:
+        raise OptionError(
+            f"--resume: the checkpoint is at step {start_step}, beyond this run's {total_steps} steps"
+        )
     sink = MetricsSink(output_dir, accelerator, options, on_log=on_log)
     history = sink.start(resumed)
     run = _Optimisation(options, accelerator, model, optimizer, scheduler, order)

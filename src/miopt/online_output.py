@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from miopt.errors import OptionError
 from miopt.evaluation.tasks import EvalRecord
 from miopt.online_options import RESUME_FIXED, OnlineOptions
 from miopt.online_pairs import Pair
-from miopt.run_folder import LOCK_FILE
+from miopt.run_folder import remove_run_files
 
 ROUNDS_FILE = "rounds.jsonl"
 RUN_FILE = "online.json"
@@ -83,10 +82,7 @@ def prepare_output(options: OnlineOptions) -> tuple[dict[str, Any] | None, list[
         raise OptionError("--resume and --overwrite exclude each other (continue the run, or replace it)")
     if not options.resume:
         if (done or (output_dir / ROUNDS_FILE).exists()) and options.overwrite:
-            print(f"--overwrite: removing the previous run's files from {output_dir}", file=sys.stderr)
-            for path in output_dir.iterdir():
-                if path.name != LOCK_FILE:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            remove_run_files(output_dir)
         elif done or (output_dir / ROUNDS_FILE).exists():
             raise OptionError(
                 f"{output_dir} already holds an online run; pass --resume to continue it, --overwrite to "

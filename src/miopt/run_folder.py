@@ -10,6 +10,7 @@ second process out while one runs. Used by ``miopt train`` and ``miopt sft``.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import os
@@ -34,6 +35,16 @@ SAFE_TO_CHANGE = frozenset(
 )  # fmt: skip
 # Files that mark a folder as holding a run (miopt's outputs, or a model saved there).
 _RUN_MARKERS = ("run.json", "metrics.jsonl", "summary.json", "model.safetensors", "adapter_model.safetensors")
+# What a run writes (miopt's files, save_pretrained's model and tokenizer files, online rounds):
+# all --overwrite removes; anything else in the folder is kept.
+RUN_OUTPUTS = (
+    "run.json", "metrics.jsonl", "summary.json", "curves.png", "tensorboard", f"{CHECKPOINT_PREFIX}*",
+    "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "config.json",
+    "generation_config.json", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+    "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "online.json", "rounds.jsonl", "round-*", ".*.tmp", ".*.old",
+)  # fmt: skip
 # Options named first when describing a run.
 _HEADLINE = ("objective", "model", "data", "seed", "learning_rate", "max_steps", "epochs")
 
@@ -60,11 +71,35 @@ def source_fingerprint(source: str | None) -> str | None:
     digest = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for file in files:
-        digest.update(str(file.relative_to(path) if file != path else file.name).encode() + b"\0")
+        if file != path:  # a folder's files by relative path; a single file by its bytes alone
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
         with file.open("rb") as handle:
             while chunk := handle.read(1 << 22):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def remove_run_files(path: Path) -> None:
+    """``--overwrite``: remove what a previous run wrote into ``path`` (:data:`RUN_OUTPUTS`), keeping
+    anything else (and saying how much)."""
+    removed, kept = 0, []
+    for item in sorted(Path(path).iterdir()):
+        if item.name == LOCK_FILE:
+            continue
+        if not any(fnmatch.fnmatchcase(item.name, pattern) for pattern in RUN_OUTPUTS):
+            kept.append(item.name)
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
+        removed += 1
+    note = (
+        f"; kept {len(kept)} other entries ({', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''})"
+        if kept
+        else ""
+    )
+    print(f"--overwrite: removed {removed} entries of the previous run from {path}{note}", file=sys.stderr)
 
 
 def run_identity(options: Any) -> dict[str, Any]:
@@ -84,7 +119,13 @@ def _describe(identity: dict[str, Any]) -> str:
 
 
 def _changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = sorted(set(stored) | set(current))
+    """Changed defining options; an option only one side knows (a miopt version that added or
+    dropped it) is not a change, nor is a moved data file with the same contents."""
+    keys = sorted(set(stored) & set(current))
+    if stored.get("data_sha256") == current.get("data_sha256") and not str(
+        current.get("data_sha256")
+    ).startswith("name:"):
+        keys = [key for key in keys if key != "data"]
     return [
         f"--{key.replace('_', '-')} {stored.get(key)!r} -> {current.get(key)!r}"
         if key != "data_sha256"
@@ -135,10 +176,7 @@ class RunFolder:
         stored = self._verify()
         remove_stale_temporaries(self.path)
         if self.overwrite and self._holds_run():
-            print(f"--overwrite: removing the previous run's files from {self.path}", file=sys.stderr)
-            for item in self.path.iterdir():
-                if item.name != LOCK_FILE:
-                    shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+            remove_run_files(self.path)
         if stored != self.identity:
             atomic_write_json(self.path / RUN_FILE, self.identity)
 
