@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from importlib import metadata
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def versions() -> dict:
 # ------------------------------------------------------------------------------------------- steps
 
 
-def step_cuda_tests(out: Path, dry: bool) -> dict:
+def step_cuda_tests(out: Path, dry: bool, log: Path) -> dict:
     """``pytest -m cuda tests/test_cuda.py``; on the dry run the same tests on the CPU."""
     xml = out / "cuda_tests.xml"
     env = child_env()
@@ -178,17 +179,17 @@ def summarise_junit(xml: Path, returncode: int) -> dict:
     }
 
 
-def step_fsdp(out: Path, dry: bool) -> dict:
+def step_fsdp(out: Path, dry: bool, log: Path) -> dict:
     import torch
 
     if not torch.cuda.is_available():
         return {"status": "skipped: needs CUDA (Accelerate enables FSDP only on GPUs)"}
     from gpu_fsdp import compare_fsdp_to_single
 
-    return compare_fsdp_to_single(out / "fsdp", child_env(), log=out / "gpu_check.log")
+    return compare_fsdp_to_single(out / "fsdp", child_env(), log=log)
 
 
-def step_throughput(out: Path, dry: bool) -> dict:
+def step_throughput(out: Path, dry: bool, log: Path) -> dict:
     from gpu_throughput import run_throughput
 
     return run_throughput(out / "throughput", dry=dry)
@@ -206,7 +207,7 @@ RESULT_LINE = re.compile(
 )
 
 
-def step_default_run(out: Path, dry: bool) -> dict:
+def step_default_run(out: Path, dry: bool, log: Path) -> dict:
     """``miopt train`` with no arguments in a fresh folder and cache; on the dry run a toy-sized task
     through the same pipeline (``run_default``)."""
     folder = out / "default_run"
@@ -245,15 +246,19 @@ STEP_FUNCTIONS = {
 # ------------------------------------------------------------------------------------------ driver
 
 
-def run_step(name: str, out: Path, dry: bool, budget: float) -> dict:
+def run_step(name: str, out: Path, dry: bool, budget: float, log: Path) -> dict:
     """Run step ``name`` in a child process under ``budget`` seconds; its result, or why there is none."""
     result_file = out / f"step-{name}.json"
     result_file.unlink(missing_ok=True)
-    command = [sys.executable, str(Path(__file__).resolve()), str(out), "--step", name]
+    (out / f"step-{name}.partial.json").unlink(missing_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), str(out), "--step", name, "--log", str(log)]
     command += ["--cpu-dry-run"] if dry else []
-    code, wall = run_logged(command, out / "gpu_check.log", budget, cwd=ROOT, env=child_env())
+    code, wall = run_logged(command, log, budget, cwd=ROOT, env=child_env())
+    partial = out / f"step-{name}.partial.json"
     if code is None:
         result = {"status": f"timeout: stopped after its budget of {budget:.0f} s"}
+        if partial.is_file():  # what the step had finished (the throughput step writes one per side)
+            result["partial"] = json.loads(partial.read_text())
     elif result_file.is_file():
         result = json.loads(result_file.read_text())
     else:
@@ -261,11 +266,11 @@ def run_step(name: str, out: Path, dry: bool, budget: float) -> dict:
     return {**result, "seconds": round(wall, 1), "budget_seconds": budget}
 
 
-def child_main(name: str, out: Path, dry: bool) -> int:
+def child_main(name: str, out: Path, dry: bool, log: Path) -> int:
     from miopt.checkpoint import atomic_write_json
 
     print(f"== step {name} ({'cpu dry run' if dry else 'gpu'}) ==", flush=True)
-    result = STEP_FUNCTIONS[name](out, dry)
+    result = STEP_FUNCTIONS[name](out, dry, log)
     atomic_write_json(out / f"step-{name}.json", result)
     print(f"== step {name}: {result['status']} ==", flush=True)
     return 0
@@ -298,16 +303,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--wheels", default=str(WHEELS), help="Wheels to install where missing (default wheels/)."
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="Steps run at once (CPU dry run only: on the GPU they would share the device).",
+    )
     parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
+    parser.add_argument("--log", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     out, dry = Path(args.output_dir).resolve(), args.cpu_dry_run
     out.mkdir(parents=True, exist_ok=True)
     if args.step:
-        return child_main(args.step, out, dry)
+        return child_main(args.step, out, dry, Path(args.log or out / "gpu_check.log"))
     steps = [s for s in args.steps.split(",") if s]
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         parser.error(f"--steps: unknown step(s) {', '.join(unknown)}; choose from {', '.join(STEPS)}")
+    if args.jobs < 1 or (args.jobs > 1 and not dry):
+        parser.error(f"--jobs must be 1, or 1 to {len(STEPS)} with --cpu-dry-run, got {args.jobs}")
     import torch
 
     if not dry and not torch.cuda.is_available():
@@ -329,10 +343,19 @@ def main(argv: list[str] | None = None) -> int:
 
     budgets = DRY_BUDGETS if dry else BUDGETS
     print(f"gpu_check ({report['mode']}): {report['versions']['gpu'] or 'cpu'}; log {log}", flush=True)
-    for name in steps:
-        report["steps"][name] = run_step(name, out, dry, budgets[name])
-        print(describe(name, report["steps"][name]), flush=True)
-        atomic_write_json(out / "report.json", report)  # a partial report survives a killed check
+    logs = {name: log if args.jobs == 1 else out / f"gpu_check.{name}.log" for name in steps}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run_step, n, out, dry, budgets[n], logs[n]): n for n in steps}
+        for future in as_completed(futures):
+            report["steps"][futures[future]] = future.result()
+            print(describe(futures[future], future.result()), flush=True)
+            atomic_write_json(out / "report.json", report)  # a partial report survives a killed check
+    report["steps"] = {name: report["steps"][name] for name in steps}
+    for step_log in logs.values():  # steps run at once: their logs one after the other
+        if step_log != log:
+            with log.open("a") as stream:
+                stream.write(step_log.read_text())
+            step_log.unlink()
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     report["ok"] = all(r["status"].startswith(("ok", "skipped")) for r in report["steps"].values())
     atomic_write_json(out / "report.json", report)

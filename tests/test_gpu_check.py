@@ -26,6 +26,7 @@ def dry_run(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MIOPT_CACHE": str(out / "cache")}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     command = [sys.executable, str(SCRIPT), str(out), "--cpu-dry-run", "--wheels", str(out / "no-wheels")]
+    command += ["--jobs", "4"]  # the steps at once: CPU time is mostly imports, and CI has 2+ cores
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     return completed, out
 
@@ -41,8 +42,9 @@ def test_dry_run_succeeds_and_writes_report_and_log(dry_run):
         assert 0 < step["seconds"] <= step["budget_seconds"], name
     assert report["versions"]["torch"] and report["versions"]["gpu"] is None
     assert report["wheels"]["status"] == "no wheels folder"
-    log = (out / "gpu_check.log").read_text()
-    assert all(f"== step {name}: " in log for name in gpu_check.STEPS)
+    log = (out / "gpu_check.log").read_text()  # the steps' logs, one after the other
+    positions = [log.index(f"== step {name}: ") for name in gpu_check.STEPS]
+    assert positions == sorted(positions) and not list(out.glob("gpu_check.*.log"))
     assert "report: " in completed.stdout and "SOME STEPS FAILED" not in completed.stdout
 
 
@@ -109,6 +111,12 @@ def test_unknown_step_is_refused_with_the_accepted_names(tmp_path, capsys):
         "--steps: unknown step(s) warp; choose from cuda_tests, fsdp, throughput, default_run"
         in capsys.readouterr().err
     )
+
+
+def test_parallel_steps_are_refused_on_the_gpu(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main([str(tmp_path), "--jobs", "2"])
+    assert "--jobs must be 1, or 1 to 4 with --cpu-dry-run, got 2" in capsys.readouterr().err
 
 
 def test_junit_summary_names_failed_tests(tmp_path):
