@@ -42,7 +42,8 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
 STEPS = ("cuda_tests", "fsdp", "throughput", "default_run")
 # seconds per step: on the GPU they sum to 460 s (the check's limit is 480); the dry run is toy-sized
 BUDGETS = {"cuda_tests": 80, "fsdp": 110, "throughput": 150, "default_run": 120}
-DRY_BUDGETS = {"cuda_tests": 120, "fsdp": 60, "throughput": 180, "default_run": 120}
+# the dry run's budgets only guard against a hang: a CPU shared with other jobs can be slow
+DRY_BUDGETS = {"cuda_tests": 300, "fsdp": 300, "throughput": 300, "default_run": 300}
 
 
 def child_env() -> dict:

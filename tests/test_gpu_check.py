@@ -27,7 +27,7 @@ def dry_run(tmp_path_factory):
     env.pop("CUDA_VISIBLE_DEVICES", None)
     command = [sys.executable, str(SCRIPT), str(out), "--cpu-dry-run", "--wheels", str(out / "no-wheels")]
     command += ["--jobs", "4"]  # the steps at once: CPU time is mostly imports, and CI has 2+ cores
-    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     return completed, out
 
 
