@@ -37,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / "wheels"
+SITE = ROOT / ".gpu-site"  # where missing wheels are installed (not the machine's environment)
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
 
 STEPS = ("cuda_tests", "fsdp", "throughput", "default_run")
@@ -48,9 +49,8 @@ DRY_BUDGETS = {"cuda_tests": 300, "fsdp": 300, "throughput": 300, "default_run":
 
 def child_env() -> dict:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT / "src"), str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    )
+    first = [str(ROOT / "src"), str(ROOT)] + ([str(SITE)] if SITE.is_dir() else [])
+    env["PYTHONPATH"] = os.pathsep.join(first + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
 
@@ -89,7 +89,11 @@ def _installed(name: str) -> bool:
 
 
 def install_wheels(folder: Path, log: Path) -> dict:
-    """Install the wheels of ``folder`` whose distribution is not installed (no index, no dependencies)."""
+    """Install the wheels of ``folder`` whose distribution is not installed (no index, no dependencies)
+    into ``.gpu-site/``, which every child gets on its ``PYTHONPATH``: the machine's environment is left
+    as it is (and a system Python that refuses pip installs, PEP 668, does not matter)."""
+    if SITE.is_dir() and str(SITE) not in sys.path:  # installed there by an earlier check
+        sys.path.insert(0, str(SITE))
     wheels = sorted(folder.glob("*.whl")) if folder.is_dir() else []
     if not wheels:
         return {"folder": str(folder), "status": "no wheels folder" if not folder.is_dir() else "empty"}
@@ -100,8 +104,10 @@ def install_wheels(folder: Path, log: Path) -> dict:
         "installed": [w.name for w in missing],
     }
     if missing:
-        command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", *map(str, missing)]
-        code, _ = run_logged(command, log, 300)
+        command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--upgrade"]
+        code, _ = run_logged([*command, "--target", str(SITE), *map(str, missing)], log, 300)
+        if str(SITE) not in sys.path:
+            sys.path.insert(0, str(SITE))
         result["status"] = "ok" if code == 0 else f"failed: pip exited {code} (see the log)"
     else:
         result["status"] = "ok: all present"
