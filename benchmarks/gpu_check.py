@@ -27,9 +27,11 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from importlib import metadata
@@ -149,7 +151,7 @@ def versions() -> dict:
 # ------------------------------------------------------------------------------------------- steps
 
 
-def step_cuda_tests(out: Path, dry: bool, log: Path) -> dict:
+def step_cuda_tests(out: Path, work: Path, dry: bool, log: Path) -> dict:
     """``pytest -m cuda tests/test_cuda.py``; on the dry run the same tests on the CPU."""
     xml = out / "cuda_tests.xml"
     env = child_env()
@@ -186,20 +188,20 @@ def summarise_junit(xml: Path, returncode: int) -> dict:
     }
 
 
-def step_fsdp(out: Path, dry: bool, log: Path) -> dict:
+def step_fsdp(out: Path, work: Path, dry: bool, log: Path) -> dict:
     import torch
 
     if not torch.cuda.is_available():
         return {"status": "skipped: needs CUDA (Accelerate enables FSDP only on GPUs)"}
     from gpu_fsdp import compare_fsdp_to_single
 
-    return compare_fsdp_to_single(out / "fsdp", child_env(), log=log)
+    return compare_fsdp_to_single(work / "fsdp", child_env(), log=log)
 
 
-def step_throughput(out: Path, dry: bool, log: Path) -> dict:
+def step_throughput(out: Path, work: Path, dry: bool, log: Path) -> dict:
     from gpu_throughput import run_throughput
 
-    return run_throughput(out / "throughput", dry=dry)
+    return run_throughput(work / "throughput", dry=dry, partial=out / "step-throughput.partial.json")
 
 
 TOY_DEFAULT = (
@@ -214,10 +216,12 @@ RESULT_LINE = re.compile(
 )
 
 
-def step_default_run(out: Path, dry: bool, log: Path) -> dict:
+def step_default_run(out: Path, work: Path, dry: bool, log: Path) -> dict:
     """``miopt train`` with no arguments in a fresh folder and cache; on the dry run a toy-sized task
     through the same pipeline (``run_default``)."""
-    folder = out / "default_run"
+    folder = work / "default_run"
+    if folder.exists():  # a fresh run: no cached SFT start, no earlier output
+        shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     env = dict(child_env(), MIOPT_CACHE=str(folder / "cache"))
     command = [sys.executable, "-c", TOY_DEFAULT] if dry else [sys.executable, "-m", "miopt", "train"]
@@ -253,12 +257,13 @@ STEP_FUNCTIONS = {
 # ------------------------------------------------------------------------------------------ driver
 
 
-def run_step(name: str, out: Path, dry: bool, budget: float, log: Path) -> dict:
+def run_step(name: str, out: Path, work: Path, dry: bool, budget: float, log: Path) -> dict:
     """Run step ``name`` in a child process under ``budget`` seconds; its result, or why there is none."""
     result_file = out / f"step-{name}.json"
     result_file.unlink(missing_ok=True)
     (out / f"step-{name}.partial.json").unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), str(out), "--step", name, "--log", str(log)]
+    command += ["--work-dir", str(work)]
     command += ["--cpu-dry-run"] if dry else []
     code, wall = run_logged(command, log, budget, cwd=ROOT, env=child_env())
     partial = out / f"step-{name}.partial.json"
@@ -268,16 +273,17 @@ def run_step(name: str, out: Path, dry: bool, budget: float, log: Path) -> dict:
             result["partial"] = json.loads(partial.read_text())
     elif result_file.is_file():
         result = json.loads(result_file.read_text())
+        partial.unlink(missing_ok=True)
     else:
         result = {"status": f"failed: exited {code} (traceback in the log)"}
     return {**result, "seconds": round(wall, 1), "budget_seconds": budget}
 
 
-def child_main(name: str, out: Path, dry: bool, log: Path) -> int:
+def child_main(name: str, out: Path, work: Path, dry: bool, log: Path) -> int:
     from miopt.checkpoint import atomic_write_json
 
     print(f"== step {name} ({'cpu dry run' if dry else 'gpu'}) ==", flush=True)
-    result = STEP_FUNCTIONS[name](out, dry, log)
+    result = STEP_FUNCTIONS[name](out, work, dry, log)
     atomic_write_json(out / f"step-{name}.json", result)
     print(f"== step {name}: {result['status']} ==", flush=True)
     return 0
@@ -316,13 +322,20 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="Steps run at once (CPU dry run only: on the GPU they would share the device).",
     )
+    parser.add_argument(
+        "--work-dir",
+        help="Models, checkpoints and caches of the steps (gigabytes on the GPU), kept out of "
+        "OUTPUT_DIR so that the report folder stays small (default: a new temporary folder).",
+    )
     parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
     parser.add_argument("--log", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     out, dry = Path(args.output_dir).resolve(), args.cpu_dry_run
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="miopt-gpu-check-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     if args.step:
-        return child_main(args.step, out, dry, Path(args.log or out / "gpu_check.log"))
+        return child_main(args.step, out, work, dry, Path(args.log or out / "gpu_check.log"))
     steps = [s for s in args.steps.split(",") if s]
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
@@ -343,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "wheels": install_wheels(Path(args.wheels), log),
         "miopt_install": install_miopt(Path(args.wheels), log),
+        "work_dir": str(work),
     }
     report["versions"] = versions()
     report["steps"] = {}
@@ -352,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu_check ({report['mode']}): {report['versions']['gpu'] or 'cpu'}; log {log}", flush=True)
     logs = {name: log if args.jobs == 1 else out / f"gpu_check.{name}.log" for name in steps}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run_step, n, out, dry, budgets[n], logs[n]): n for n in steps}
+        futures = {pool.submit(run_step, n, out, work, dry, budgets[n], logs[n]): n for n in steps}
         for future in as_completed(futures):
             report["steps"][futures[future]] = future.result()
             print(describe(futures[future], future.result()), flush=True)

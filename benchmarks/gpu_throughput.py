@@ -109,8 +109,9 @@ def side_figures(summary: dict) -> dict:
     }
 
 
-def run_throughput(work: Path, dry: bool, packing: str = "shared-prompt") -> dict:
-    """Both sides (TRL only where it is installed), one after the other, and their ratios."""
+def run_throughput(work: Path, dry: bool, partial: Path, packing: str = "shared-prompt") -> dict:
+    """Both sides (TRL only where it is installed), one after the other, and their ratios; the result
+    so far is written to ``partial`` after each side."""
     import os
 
     import torch
@@ -167,7 +168,7 @@ def run_throughput(work: Path, dry: bool, packing: str = "shared-prompt") -> dic
             }
             continue
         result["sides"][name] = side_figures(bench.summarise(raw, steps, config.warmup, name))
-        atomic_write_json(work.parent / "step-throughput.partial.json", result)
+        atomic_write_json(partial, result)
     trl, ours = result["sides"].get("trl", {}), result["sides"]["miopt"]
     if "pairs_per_second" in trl and "pairs_per_second" in ours:
         result["speed_ratio"] = ours["pairs_per_second"] / trl["pairs_per_second"]

@@ -22,11 +22,16 @@ import gpu_check  # noqa: E402
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu-dry")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MIOPT_CACHE": str(out / "cache")}
+    out, work = tmp_path_factory.mktemp("gpu-dry"), tmp_path_factory.mktemp("gpu-dry-work")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MIOPT_CACHE": str(work / "cache")}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     command = [sys.executable, str(SCRIPT), str(out), "--cpu-dry-run", "--wheels", str(out / "no-wheels")]
-    command += ["--jobs", "4"]  # the steps at once: CPU time is mostly imports, and CI has 2+ cores
+    command += [
+        "--jobs",
+        "4",
+        "--work-dir",
+        str(work),
+    ]  # the steps at once: CPU time is mostly imports, and CI has 2+ cores
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     return completed, out
 
@@ -42,6 +47,10 @@ def test_dry_run_succeeds_and_writes_report_and_log(dry_run):
         assert 0 < step["seconds"] <= step["budget_seconds"], name
     assert report["versions"]["torch"] and report["versions"]["gpu"] is None
     assert report["wheels"]["status"] == "no wheels folder"
+    # the models and caches stay in the work folder: the report folder holds the small files only
+    assert {p.name for p in out.iterdir()} <= {"report.json", "gpu_check.log", "cuda_tests.xml"} | {
+        f"step-{name}.json" for name in gpu_check.STEPS
+    }
     log = (out / "gpu_check.log").read_text()  # the steps' logs, one after the other
     positions = [log.index(f"== step {name}: ") for name in gpu_check.STEPS]
     assert positions == sorted(positions) and not list(out.glob("gpu_check.*.log"))
@@ -96,6 +105,7 @@ def test_a_step_over_its_budget_is_recorded_and_the_next_step_runs(tmp_path, mon
     monkeypatch.setitem(gpu_check.DRY_BUDGETS, "cuda_tests", 0.5)
     code = gpu_check.main(
         [str(tmp_path), "--cpu-dry-run", "--steps", "cuda_tests,fsdp", "--wheels", str(tmp_path / "w")]
+        + ["--work-dir", str(tmp_path / "work")]
     )
     report = json.loads((tmp_path / "report.json").read_text())
     assert code == 1 and report["ok"] is False
