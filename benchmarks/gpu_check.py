@@ -136,7 +136,10 @@ def versions() -> dict:
     found = {}
     for name in ("transformers", "accelerate", "peft", "trl", "datasets", "tokenizers", "safetensors"):
         found[name] = metadata.version(name) if _installed(name) else None
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    except OSError:  # no git on the machine
+        commit = ""
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -144,7 +147,7 @@ def versions() -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpu_cores": os.cpu_count(),
         **found,
-        "miopt_commit": commit.stdout.strip() or None,
+        "miopt_commit": commit.strip() or None,
     }
 
 
@@ -159,8 +162,8 @@ def step_cuda_tests(out: Path, work: Path, dry: bool, log: Path) -> dict:
         env["MIOPT_TEST_DEVICE"] = "cpu"
     command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"]
     command += [str(ROOT / "tests" / "test_cuda.py"), f"--junitxml={xml}", "-o", "addopts="]
-    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    print(completed.stdout[-20000:], completed.stderr[-5000:], sep="\n")
+    sys.stdout.flush()
+    completed = subprocess.run(command, cwd=ROOT, env=env)  # its output goes straight to the log
     return summarise_junit(xml, completed.returncode)
 
 
@@ -226,9 +229,11 @@ def step_default_run(out: Path, work: Path, dry: bool, log: Path) -> dict:
     env = dict(child_env(), MIOPT_CACHE=str(folder / "cache"))
     command = [sys.executable, "-c", TOY_DEFAULT] if dry else [sys.executable, "-m", "miopt", "train"]
     start = time.perf_counter()
-    completed = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
+    sys.stdout.flush()
+    # progress (stderr) goes straight to the log; the printed result (stdout) is kept to be read
+    completed = subprocess.run(command, cwd=folder, env=env, stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
-    print(completed.stderr[-20000:], completed.stdout, sep="\n")
+    print(completed.stdout)
     result = {"command": "miopt train" if not dry else "run_default(toy DefaultTask)", "wall_seconds": wall}
     result["printed"] = completed.stdout.strip().splitlines()[-6:]
     match = RESULT_LINE.search(completed.stdout)
