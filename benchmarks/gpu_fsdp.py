@@ -2,16 +2,17 @@
 same run without FSDP.
 
 Launched as ``tests/test_distributed.py`` launches its runs (``accelerate launch --config_file ...
--m miopt train``), with ``examples/accelerate/fsdp.yaml`` changed in two fields only: one process,
-and ``FULL_STATE_DICT`` (checkpoints hold the whole model, gathered). Runs, each 4 steps with a
+-m miopt train``), with ``examples/accelerate/fsdp.yaml`` changed to one process, in two variants:
+checkpoints as ``FULL_STATE_DICT`` (gathered) and as the shipped ``SHARDED_STATE_DICT``. The final
+model is saved from the full state dict in both (miopt gathers it). Runs, each 4 steps with a
 checkpoint at step 2, float32:
 
 * ``single``: no FSDP, ``--logprob-chunk 0`` (the full-logits path FSDP takes, docs/distributed.md);
-* ``fsdp``: the same under FSDP (wrapping is proven by miopt's note that FSDP shards the weights);
-* ``fsdp-resumed``: the ``fsdp`` run cut after its step-2 checkpoint and resumed under FSDP.
+* per variant, ``fsdp-V``: the same under FSDP (wrapping is proven by miopt's note that FSDP shards
+  the weights), and ``fsdp-V-resumed``: that run cut after its step-2 checkpoint and resumed.
 
 Per-step loss, ``logps/*`` and ``grad_norm`` (relative where above 1) and the saved weights must agree:
-FSDP vs single within 1e-4, the resume within 1e-5.
+FSDP against the run without it within 1e-4, the resume within 1e-5.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ COMMON = [
     "--max-steps", "4", "--save-steps", "2", "--batch-size", "4", "--objective", "mio",
 ]  # fmt: skip
 LOSS_TOLERANCE, WEIGHT_TOLERANCE, RESUME_TOLERANCE = 1e-4, 1e-4, 1e-5
+# checkpoints gathered whole (the final save always is: miopt gathers the full state dict), and the
+# shipped config's sharded checkpoints (torch.distributed.checkpoint)
+VARIANTS = {"full": "FULL_STATE_DICT", "sharded": "SHARDED_STATE_DICT"}
 KEYS = ("loss", "logps/chosen", "logps/rejected", "grad_norm")
 
 
@@ -37,13 +41,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def one_process_config(target: Path) -> Path:
-    """``examples/accelerate/fsdp.yaml`` for one process with full state dicts."""
+def one_process_config(target: Path, state_dict_type: str) -> Path:
+    """``examples/accelerate/fsdp.yaml`` for one process, with checkpoints of ``state_dict_type``."""
     import yaml
 
     config = yaml.safe_load((ROOT / "examples" / "accelerate" / "fsdp.yaml").read_text())
     config["num_processes"] = 1
-    config["fsdp_config"]["fsdp_state_dict_type"] = "FULL_STATE_DICT"
+    config["fsdp_config"]["fsdp_state_dict_type"] = state_dict_type
     target.write_text(yaml.safe_dump(config))
     return target
 
@@ -89,43 +93,64 @@ def compare_fsdp_to_single(work: Path, env: dict, log: Path) -> dict:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     model_dir, data = _assets(work)
-    config = one_process_config(work / "fsdp_one_process.yaml")
 
-    def train(output: str, *extra: str, launcher: list[str] | None = None) -> int | None:
+    def train(output: str, *extra: str, launcher: list[str] | None = None) -> tuple[int | None, str]:
+        """Exit status and what the run printed (its part of the log)."""
         args = ["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(work / output)]
         args += ["--cache-dir", str(work / f"cache-{output}"), *COMMON, *extra]
-        command = [sys.executable, *(launcher or []), "-m", "miopt", *args]
-        code, _ = run_logged(command, log, timeout=240, cwd=ROOT, env=env)
-        return code
+        before = log.stat().st_size if log.exists() else 0
+        code, _ = run_logged(
+            [sys.executable, *(launcher or []), "-m", "miopt", *args], log, 240, cwd=ROOT, env=env
+        )
+        with log.open() as stream:
+            stream.seek(before)
+            return code, stream.read()
 
-    launch = ["-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "1"]
-    result = {"config": "examples/accelerate/fsdp.yaml, num_processes 1, FULL_STATE_DICT", "runs": {}}
-    result["runs"]["single"] = train("single", "--logprob-chunk", "0")
-    result["runs"]["fsdp"] = train("fsdp", launcher=[*launch, "--main_process_port", str(_free_port())])
-    if result["runs"]["fsdp"] == 0:
-        resumed = work / "fsdp-resumed"
-        resumed.mkdir()
-        shutil.copytree(work / "fsdp" / "checkpoint-0000002", resumed / "checkpoint-0000002")
-        rows = [row for row in _metrics(work / "fsdp") if row["step"] <= 2]
-        (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        port = ["--main_process_port", str(_free_port())]
-        result["runs"]["fsdp-resumed"] = train("fsdp-resumed", "--resume", launcher=[*launch, *port])
-    if any(code != 0 for code in result["runs"].values()) or len(result["runs"]) < 3:
-        return {**result, "status": f"failed: exit codes {result['runs']} (see the log)"}
-    wrapped = "FSDP shards weights" in log.read_text()
-    single, fsdp, resumed = (_metrics(work / n) for n in ("single", "fsdp", "fsdp-resumed"))
-    result.update(
-        wrapped_by_fsdp=wrapped,
-        checkpoint_files=sorted(p.name for p in (work / "fsdp" / "checkpoint-0000002").iterdir()),
-        losses_single=[r["loss"] for r in single],
-        losses_fsdp=[r["loss"] for r in fsdp],
-        max_loss_difference=_max_difference(single, fsdp, keys=("loss",)),
-        max_metric_difference=_max_difference(single, fsdp),
-        max_weight_difference=_weights_difference(work / "single", work / "fsdp"),
-        max_resume_difference=_max_difference(fsdp, resumed),
-        resume_weight_difference=_weights_difference(work / "fsdp", work / "fsdp-resumed"),
-        weights_moved=_weights_difference(model_dir, work / "fsdp"),
-    )
+    code, _ = train("single", "--logprob-chunk", "0")
+    if code != 0:
+        return {"status": f"failed: the run without FSDP exited {code} (see the log)"}
+    result = {"variants": {}}
+    for name, state_dict_type in VARIANTS.items():
+        config = one_process_config(work / f"fsdp-{name}.yaml", state_dict_type)
+        launch = ["-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "1"]
+        result["variants"][name] = _variant(work, f"fsdp-{name}", model_dir, launch, train)
+        result["variants"][name]["fsdp_state_dict_type"] = state_dict_type
+    variants = result["variants"].values()
+    if all("max_metric_difference" in v for v in variants):
+        for key in ("max_loss_difference", "max_metric_difference", "max_weight_difference"):
+            result[key] = max(v[key] for v in variants)
+    failed = [f"{n}: {v['status']}" for n, v in result["variants"].items() if v["status"] != "ok"]
+    result["status"] = "ok" if not failed else "failed: " + "; ".join(failed)
+    return result
+
+
+def _variant(work: Path, output: str, model_dir: Path, launch: list[str], train) -> dict:
+    """One FSDP run, its resume from the step-2 checkpoint, and their differences from ``single``."""
+    code, printed = train(output, launcher=[*launch, "--main_process_port", str(_free_port())])
+    if code != 0:
+        return {"status": f"failed: the FSDP run exited {code} (see the log)"}
+    resumed = work / f"{output}-resumed"
+    resumed.mkdir()
+    shutil.copytree(work / output / "checkpoint-0000002", resumed / "checkpoint-0000002")
+    rows = [row for row in _metrics(work / output) if row["step"] <= 2]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    port = ["--main_process_port", str(_free_port())]
+    code, _ = train(resumed.name, "--resume", launcher=[*launch, *port])
+    if code != 0:
+        return {"status": f"failed: the resumed FSDP run exited {code} (see the log)"}
+    single, fsdp, again = (_metrics(work / n) for n in ("single", output, resumed.name))
+    result = {
+        "wrapped_by_fsdp": "FSDP shards weights" in printed,
+        "checkpoint_files": sorted(p.name for p in (work / output / "checkpoint-0000002").iterdir()),
+        "losses_single": [r["loss"] for r in single],
+        "losses_fsdp": [r["loss"] for r in fsdp],
+        "max_loss_difference": _max_difference(single, fsdp, keys=("loss",)),
+        "max_metric_difference": _max_difference(single, fsdp),
+        "max_weight_difference": _weights_difference(work / "single", work / output),
+        "max_resume_difference": _max_difference(fsdp, again),
+        "resume_weight_difference": _weights_difference(work / output, resumed),
+        "weights_moved": _weights_difference(model_dir, work / output),
+    }
     agree = (
         result["max_metric_difference"] <= LOSS_TOLERANCE
         and result["max_weight_difference"] <= WEIGHT_TOLERANCE
@@ -134,5 +159,8 @@ def compare_fsdp_to_single(work: Path, env: dict, log: Path) -> dict:
         and result["weights_moved"] > 1e-4
     )
     result["tolerances"] = {"loss": LOSS_TOLERANCE, "weights": WEIGHT_TOLERANCE, "resume": RESUME_TOLERANCE}
-    result["status"] = "ok" if agree and wrapped else "failed: FSDP and single runs differ or no FSDP note"
+    if not result["wrapped_by_fsdp"]:
+        result["status"] = "failed: no FSDP note (the run was not wrapped)"
+    else:
+        result["status"] = "ok" if agree else "failed: FSDP and the run without it differ"
     return result

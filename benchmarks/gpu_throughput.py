@@ -21,6 +21,7 @@ import importlib.util
 import json
 import random
 import statistics
+import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
@@ -108,8 +109,9 @@ def side_figures(summary: dict) -> dict:
     }
 
 
-def run_throughput(work: Path, dry: bool, packing: str = "shared-prompt") -> dict:
-    """Both sides (TRL only where it is installed), one after the other, and their ratios."""
+def run_throughput(work: Path, dry: bool, partial: Path, packing: str = "shared-prompt") -> dict:
+    """Both sides (TRL only where it is installed), one after the other, and their ratios; the result
+    so far is written to ``partial`` after each side."""
     import os
 
     import torch
@@ -147,7 +149,9 @@ def run_throughput(work: Path, dry: bool, packing: str = "shared-prompt") -> dic
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "sides": {},
     }
-    sides = [("trl", "padded"), ("miopt", packing)]
+    from miopt.checkpoint import atomic_write_json
+
+    sides = [("miopt", packing), ("trl", "padded")]  # miopt first: its figures survive a TRL overrun
     for name, layout in sides:
         if name == "trl" and importlib.util.find_spec("trl") is None:
             result["sides"]["trl"] = {
@@ -156,10 +160,17 @@ def run_throughput(work: Path, dry: bool, packing: str = "shared-prompt") -> dic
             continue
         spec = {**common, "side": name, "packing": layout, "label": f"{name}-{layout}"}
         spec["tmp"] = str(work / "tmp" / spec["label"])
-        raw = bench._spawn(spec, work)
+        try:
+            raw = bench._spawn(spec, work)
+        except subprocess.CalledProcessError as error:  # recorded; the other side still runs
+            result["sides"][name] = {
+                "status": f"failed: the {name} side exited {error.returncode} (see the log)"
+            }
+            continue
         result["sides"][name] = side_figures(bench.summarise(raw, steps, config.warmup, name))
+        atomic_write_json(partial, result)
     trl, ours = result["sides"].get("trl", {}), result["sides"]["miopt"]
-    if "pairs_per_second" in trl:
+    if "pairs_per_second" in trl and "pairs_per_second" in ours:
         result["speed_ratio"] = ours["pairs_per_second"] / trl["pairs_per_second"]
         result["memory_ratio"] = ours["peak_memory_mb"] / trl["peak_memory_mb"]
         result["same_token_ids"] = ours["ids"] == trl["ids"]
@@ -169,5 +180,11 @@ def run_throughput(work: Path, dry: bool, packing: str = "shared-prompt") -> dic
         for side in result["sides"].values()
         if "pairs_per_second" in side
     )
-    result["status"] = "ok" if positive and result.get("same_token_ids", True) else "failed: see figures"
+    ran = all(side["status"].startswith(("ok", "skipped")) for side in result["sides"].values())
+    if not ran:
+        result["status"] = "failed: " + "; ".join(
+            side["status"] for side in result["sides"].values() if side["status"].startswith("failed")
+        )
+    else:
+        result["status"] = "ok" if positive and result.get("same_token_ids", True) else "failed: see figures"
     return result

@@ -22,11 +22,17 @@ import gpu_check  # noqa: E402
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu-dry")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MIOPT_CACHE": str(out / "cache")}
+    out, work = tmp_path_factory.mktemp("gpu-dry"), tmp_path_factory.mktemp("gpu-dry-work")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MIOPT_CACHE": str(work / "cache")}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     command = [sys.executable, str(SCRIPT), str(out), "--cpu-dry-run", "--wheels", str(out / "no-wheels")]
-    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    command += [
+        "--jobs",
+        "4",
+        "--work-dir",
+        str(work),
+    ]  # the steps at once: CPU time is mostly imports, and CI has 2+ cores
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     return completed, out
 
 
@@ -41,8 +47,13 @@ def test_dry_run_succeeds_and_writes_report_and_log(dry_run):
         assert 0 < step["seconds"] <= step["budget_seconds"], name
     assert report["versions"]["torch"] and report["versions"]["gpu"] is None
     assert report["wheels"]["status"] == "no wheels folder"
-    log = (out / "gpu_check.log").read_text()
-    assert all(f"== step {name}: " in log for name in gpu_check.STEPS)
+    # the models and caches stay in the work folder: the report folder holds the small files only
+    assert {p.name for p in out.iterdir()} <= {"report.json", "gpu_check.log", "cuda_tests.xml"} | {
+        f"step-{name}.json" for name in gpu_check.STEPS
+    }
+    log = (out / "gpu_check.log").read_text()  # the steps' logs, one after the other
+    positions = [log.index(f"== step {name}: ") for name in gpu_check.STEPS]
+    assert positions == sorted(positions) and not list(out.glob("gpu_check.*.log"))
     assert "report: " in completed.stdout and "SOME STEPS FAILED" not in completed.stdout
 
 
@@ -94,6 +105,7 @@ def test_a_step_over_its_budget_is_recorded_and_the_next_step_runs(tmp_path, mon
     monkeypatch.setitem(gpu_check.DRY_BUDGETS, "cuda_tests", 0.5)
     code = gpu_check.main(
         [str(tmp_path), "--cpu-dry-run", "--steps", "cuda_tests,fsdp", "--wheels", str(tmp_path / "w")]
+        + ["--work-dir", str(tmp_path / "work")]
     )
     report = json.loads((tmp_path / "report.json").read_text())
     assert code == 1 and report["ok"] is False
@@ -109,6 +121,12 @@ def test_unknown_step_is_refused_with_the_accepted_names(tmp_path, capsys):
         "--steps: unknown step(s) warp; choose from cuda_tests, fsdp, throughput, default_run"
         in capsys.readouterr().err
     )
+
+
+def test_parallel_steps_are_refused_on_the_gpu(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main([str(tmp_path), "--jobs", "2"])
+    assert "--jobs must be 1, or 1 to 4 with --cpu-dry-run, got 2" in capsys.readouterr().err
 
 
 def test_junit_summary_names_failed_tests(tmp_path):
