@@ -25,8 +25,8 @@ final answer, else 0).
 Held-out greedy accuracy (the evaluation harness, ``miopt.online.heldout_accuracy``) is measured
 before training and after every round, not counted in the wall time. Reported per point: samples
 drawn so far and training wall time (sampling + scoring + updates); for the preference methods also
-the chosen log-prob change (policy minus the round's reference, ``logps/chosen_change`` at the end
-of each round's update). Each method runs in its own subprocess, one after the other, with the
+the chosen log-prob change of each round (the mean over the round's pairs of the chosen response's
+summed log-prob after the round's update minus before it). Each method runs in its own subprocess, one after the other, with the
 same torch thread count. Output in ``--out``: ``table.md``, ``table.json``, ``curves.png`` and each
 method's folder.
 """
@@ -156,11 +156,52 @@ def run_miopt(method: str, settings: Settings, start: str, folder: Path, env: di
                 "samples": row["round"] * settings.prompts_per_round * settings.samples,
                 "seconds": round(seconds, 2),
                 "heldout_accuracy": row.get("heldout_accuracy"),
-                "chosen_logp_change": row.get("logps/chosen_change"),
                 "pass@1_sampled": row.get("pass@1"),
             }
         )
+    changes = chosen_logp_changes(folder, settings.rounds)
+    for point in points:
+        point["chosen_logp_change"] = changes.get(point["round"])
     return {"method": method, "points": points}
+
+
+def chosen_logp_changes(folder: Path, rounds: int) -> dict[int, float]:
+    """Per round, the mean change of the chosen responses' summed log-prob over the round's update:
+    ``log pi_r(y_w | x) - log pi_{r-1}(y_w | x)`` on that round's pairs (``pairs.jsonl``)."""
+    import torch
+
+    from miopt.data.tokenize import collate, tokenize_examples
+    from miopt.logprobs import pair_logps
+    from miopt.models import load_model, load_tokenizer
+    from miopt.online_output import round_dir
+
+    start = json.loads((folder / "online.json").read_text())["start_model"]
+    previous_path = str(round_dir(folder, 0)) if start == "builtin" else start
+    tokenizer = load_tokenizer(previous_path)
+    changes: dict[int, float] = {}
+    previous = load_model(previous_path, tokenizer).eval()
+    for index in range(1, rounds + 1):
+        current = load_model(str(round_dir(folder, index)), tokenizer).eval()
+        pairs = [
+            json.loads(line) for line in (round_dir(folder, index) / "pairs.jsonl").read_text().splitlines()
+        ]
+        examples, _ = tokenize_examples(
+            [p["prompt"] for p in pairs],
+            [(p["chosen"],) for p in pairs],
+            [""] * len(pairs),
+            tokenizer,
+            max_length=128,
+        )
+        deltas = []
+        with torch.no_grad():
+            for offset in range(0, len(examples), 16):
+                batch = collate(examples[offset : offset + 16], tokenizer.pad_token_id)
+                after, before = pair_logps(current, batch).chosen, pair_logps(previous, batch).chosen
+                deltas.extend((after - before).tolist())
+        if deltas:
+            changes[index] = sum(deltas) / len(deltas)
+        previous = current
+    return changes
 
 
 # ----------------------------------------------------------------------------------------------
