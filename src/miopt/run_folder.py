@@ -43,7 +43,7 @@ RUN_OUTPUTS = (
     "generation_config.json", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
     "tokenizer.model", "chat_template.jinja", "chat_template.json",
-    "online.json", "rounds.jsonl", "round-*", ".*.tmp", ".*.old",
+    "online.json", "rounds.jsonl", "round-*", "wandb", ".*.tmp", ".*.old",
 )  # fmt: skip
 # Options named first when describing a run.
 _HEADLINE = ("objective", "model", "data", "seed", "learning_rate", "max_steps", "epochs")
