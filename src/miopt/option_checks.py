@@ -10,7 +10,6 @@ from typing import Any
 from miopt.errors import require
 
 DTYPES = ("float32", "bfloat16", "float16")
-NEGATIVES = ("marginal", "rejected")
 
 
 def check_model_options(options: Any) -> None:
@@ -28,13 +27,9 @@ def check_model_options(options: Any) -> None:
 
 
 def check_preference_ranges(options: Any) -> None:
-    """``TrainOptions``: beta, the objective's options a flag sets, the NLL weight, the warning."""
+    """``TrainOptions``: beta, the NLL weight, the warning (the objective's own options are checked by
+    the objectives registry, :mod:`miopt.objective_flags`)."""
     o = options
-    require(
-        o.negatives is None or o.negatives in NEGATIVES, "--negatives", " or ".join(NEGATIVES), o.negatives
-    )
-    smoothing = o.label_smoothing
-    require(smoothing is None or 0 <= smoothing < 0.5, "--label-smoothing", "in [0, 0.5)", smoothing)
     require(o.beta > 0, "--beta", "> 0", o.beta)
     require(o.sft_weight >= 0, "--sft-weight", ">= 0", o.sft_weight)
     warning = o.chosen_decline_warning
