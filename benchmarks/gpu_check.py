@@ -336,11 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     out, dry = Path(args.output_dir).resolve(), args.cpu_dry_run
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="miopt-gpu-check-")).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    if args.step:
-        return child_main(args.step, out, work, dry, Path(args.log or out / "gpu_check.log"))
+    if args.step:  # a step's child: the parent names the work folder and the log
+        return child_main(args.step, out, Path(args.work_dir), dry, Path(args.log))
     steps = [s for s in args.steps.split(",") if s]
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
@@ -351,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not dry and not torch.cuda.is_available():
         parser.error("no CUDA device found: run with --cpu-dry-run for the CPU rehearsal")
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="miopt-gpu-check-")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     log = out / "gpu_check.log"
     log.write_text(
         f"gpu_check {'cpu dry run' if dry else 'gpu'} started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"

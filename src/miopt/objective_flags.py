@@ -53,6 +53,10 @@ def objective_options(options) -> dict[str, dict[str, Any]]:
             ):
                 message = f"--{flag.replace('_', '-')}: {message}"
         raise OptionError(message) from None
+    if getattr(options, "sft_weight", 0) and objectives.is_unpaired(options.objective):
+        raise OptionError(
+            "--sft-weight does not apply to unpaired objectives (kto): there is no chosen response"
+        )
     for term in resolved.values():
         if term.get("use_weighting"):
             raise OptionError(

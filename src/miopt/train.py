@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ from miopt.reference import (
     on_the_fly_reference,
 )
 from miopt.run_folder import RunFolder
-from miopt.unpaired_training import as_unpaired, make_unpaired_step_function
+from miopt.unpaired_training import as_unpaired, make_unpaired_step_function, unpaired_loaders
 
 
 @dataclass
@@ -151,10 +151,6 @@ def check_train_options(options: TrainOptions) -> None:
     check_loop_options(options)
     check_model_options(options)
     objective_options(options)
-    if options.sft_weight and objectives.is_unpaired(options.objective):
-        raise OptionError(
-            "--sft-weight does not apply to unpaired objectives (kto): there is no chosen response"
-        )
     check_preference_ranges(options)
     if options.merge_lora and not options.lora_r:
         raise OptionError("--merge-lora needs --lora-r > 0")
@@ -220,7 +216,7 @@ def make_step_function(
     objective_kwargs = objective_kwargs or {}
     reference_free = objectives.is_reference_free(objective)
     # LD-DPO (ld_alpha): length-desensitised log-probs for policy and reference (miopt.length_desensitised).
-    pair_fn = pair_logps if ld_alpha is None else functools.partial(ld_pair_logps, ld_alpha=ld_alpha)
+    pair_fn = pair_logps if ld_alpha is None else partial(ld_pair_logps, ld_alpha=ld_alpha)
 
     def step(model, indices: Sequence[int]):
         examples = [data.examples[i] for i in indices]
@@ -377,12 +373,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
     main = _is_main_process()
     with RunFolder(options, main_process=main) as folder:
         folder.check()
-        if objectives.is_unpaired(options.objective):
-            from miopt.data.unpaired import load_unpaired_records, tokenize_unpaired
-
-            load_records, tokenize = load_unpaired_records, tokenize_unpaired
-        else:
-            load_records, tokenize = load_preference_records, tokenize_preferences
+        paired = (load_preference_records, tokenize_preferences)
+        load_records, tokenize = unpaired_loaders() if objectives.is_unpaired(options.objective) else paired
         tokenizer, examples, load_report, token_report = load_examples(
             options, load_records, tokenize, report=main
         )
@@ -431,10 +423,7 @@ def train_on_examples(
         options.objective, given_objective_options(options), sft_weight=options.sft_weight
     )
     unpaired = objectives.is_unpaired(options.objective)
-    if unpaired:
-        examples = as_unpaired(
-            examples, batch_size=options.batch_size, max_length=options.max_length, seed=options.seed
-        )
+    examples = as_unpaired(examples, options) if unpaired else examples
     started = time.perf_counter()
     if options.disable_dropout:  # before LoRA: an explicit --lora-dropout stays
         disable_dropout(model)
@@ -459,9 +448,7 @@ def train_on_examples(
         if options.disable_dropout:
             disable_dropout(reference_model)
     ld_alpha = None if unpaired else ld_alpha_of(options)
-    make_step = (
-        make_unpaired_step_function if unpaired else functools.partial(make_step_function, ld_alpha=ld_alpha)
-    )
+    make_step = make_unpaired_step_function if unpaired else partial(make_step_function, ld_alpha=ld_alpha)
     step = make_step(
         objective,
         PreferenceData(examples, reference),

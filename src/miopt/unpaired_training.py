@@ -18,20 +18,30 @@ from torch import Tensor
 
 from miopt import objectives
 from miopt.data.tokenize import TokenizedExample
-from miopt.data.unpaired import UnpairedExample, split_pairs, with_mismatched_completions
+from miopt.data.unpaired import (
+    UnpairedExample,
+    load_unpaired_records,
+    split_pairs,
+    tokenize_unpaired,
+    with_mismatched_completions,
+)
 from miopt.logprobs import pair_logps
 from miopt.modeling import unwrap
 from miopt.packing import make_batch
 from miopt.reference import on_the_fly_reference
 
 
-def as_unpaired(
-    examples: Sequence[TokenizedExample], *, batch_size: int, max_length: int, seed: int
-) -> list[UnpairedExample]:
+def unpaired_loaders():
+    """``(load_records, tokenize)`` for unpaired data (``miopt.train.load_examples``'s arguments)."""
+    return load_unpaired_records, tokenize_unpaired
+
+
+def as_unpaired(examples: Sequence[TokenizedExample], options) -> list[UnpairedExample]:
     """Unpaired examples with their mismatched completions; paired examples are split first.
 
-    The mismatched pairs are formed within blocks of ``max(batch_size, 2)`` examples (TRL's KTOTrainer
-    forms them within each batch of ``per_device_train_batch_size``)."""
+    The mismatched pairs are formed within blocks of ``max(options.batch_size, 2)`` examples, after a
+    shuffle seeded by ``options.seed`` (TRL's KTOTrainer forms them within each batch of
+    ``per_device_train_batch_size``); mismatched completions are cut to ``options.max_length``."""
     unpaired = [e for e in examples if isinstance(e, UnpairedExample)]
     if len(unpaired) != len(examples):
         unpaired = split_pairs(examples)
@@ -39,7 +49,10 @@ def as_unpaired(
         raise ValueError(
             "KTO needs at least 2 examples (the KL estimate pairs each prompt with another completion)"
         )
-    return with_mismatched_completions(unpaired, block=max(batch_size, 2), max_length=max_length, seed=seed)
+    block = max(options.batch_size, 2)
+    return with_mismatched_completions(
+        unpaired, block=block, max_length=options.max_length, seed=options.seed
+    )
 
 
 def _side_mean(values: Tensor, weights: Tensor) -> Tensor:
