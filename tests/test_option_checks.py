@@ -18,7 +18,11 @@ CATALOGUE = [
     ("train", ["--lora-r", "-1"], "--lora-r must be >= 0"),
     ("train", ["--lora-dropout", "1"], "--lora-dropout must be in [0, 1)"),
     ("train", ["--negatives", "foo"], "--negatives: negatives must be one of marginal, rejected, got 'foo'"),
-    ("train", ["--objective", "robust", "--label-smoothing", "0.5"], "--label-smoothing: label_smoothing must be a number in [0, 0.5), got 0.5"),
+    (
+        "train",
+        ["--objective", "robust", "--label-smoothing", "0.5"],
+        "--label-smoothing: label_smoothing must be a number in [0, 0.5), got 0.5",
+    ),
     ("train", ["--seed", "-1"], "--seed must be in [0, 4294967295]"),
     ("train", ["--max-steps", "-1", "--epochs", "nan"], "--epochs: expected a finite number, got 'nan'"),
     ("train", ["--dtype", "foo"], "--dtype must be one of float32, bfloat16, float16"),
