@@ -38,12 +38,46 @@ class SFTOptions(ModelOptions, LoopOptions):
     data: str | None = option(
         None,
         "Prompt/completion data (TRL prompt-completion or messages, or GSM8K "
-        "question/answer): JSONL/JSON/Parquet/CSV, save_to_disk folder, or hub id.",
+        "question/answer): JSONL/JSON/Parquet/CSV, save_to_disk folder, or hub id; or "
+        "'builtin:arithmetic': a fresh built-in arithmetic problem for every example, none held out "
+        "('builtin:arithmetic-lm': the same with the question in the loss too).",
     )
     learning_rate: float = option(2e-5, "Peak AdamW learning rate.")
     logprob_chunk: int = option(
         DEFAULT_CHUNK_TOKENS, "Completion tokens per log-softmax chunk; 0 = full logits."
     )
+
+
+ARITHMETIC_DATA = "builtin:arithmetic"
+ARITHMETIC_LM_DATA = "builtin:arithmetic-lm"  # the same problems, the question in the loss too
+ARITHMETIC_PROBLEMS = 128_000  # 2,000 steps of batch 64, one fresh problem per example
+
+
+def arithmetic_examples(options: SFTOptions, tokenizer) -> list[TokenizedExample]:
+    """``--data builtin:arithmetic``: fresh worked problems, seeded by ``--seed``, disjoint from the
+    built-in task's held-out, validation and preference problems
+    (:func:`miopt.tasks.default.start_problems`). Always at least ``ARITHMETIC_PROBLEMS`` of them, so
+    that the data order does not depend on ``--max-steps``: with a constant learning rate and no
+    warmup, a run of N steps is exactly the first N steps of a longer one (its checkpoint N)."""
+    import os
+
+    from miopt.data.tokenize import tokenize_examples
+    from miopt.tasks.default import start_problems
+
+    if options.max_steps < 1:
+        raise OptionError("--data builtin:arithmetic needs --max-steps (one fresh problem per example)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    used = options.max_steps * options.batch_size * options.gradient_accumulation_steps * world
+    problems = start_problems(max(used, ARITHMETIC_PROBLEMS), options.seed)
+    whole = options.data == ARITHMETIC_LM_DATA  # no prompt: every token of question and solution scored
+    examples, _ = tokenize_examples(
+        ["" if whole else p.prompt for p in problems],
+        [(p.prompt + p.solution if whole else p.solution,) for p in problems],
+        [f"{options.data}:{i}" for i in range(len(problems))],
+        tokenizer,
+        max_length=options.max_length,
+    )
+    return examples
 
 
 def completion_tokens(example: TokenizedExample) -> int:
@@ -113,6 +147,12 @@ def sft(options: SFTOptions) -> dict[str, Any]:
     check_loop_options(options)
     if not options.model or not options.data:
         raise OptionError("miopt sft needs --model (folder, hub id or 'builtin') and --data")
-    tokenizer, examples, _, _ = load_examples(options, load_sft_records, tokenize_sft)
+    if options.data in (ARITHMETIC_DATA, ARITHMETIC_LM_DATA):
+        from miopt.models import load_tokenizer
+
+        tokenizer = load_tokenizer(options.model)
+        examples = arithmetic_examples(options, tokenizer)
+    else:
+        tokenizer, examples, _, _ = load_examples(options, load_sft_records, tokenize_sft)
     model = load_model(options.model, tokenizer, dtype=options.dtype, seed=options.seed)
     return sft_on_examples(options, model, tokenizer, examples)

@@ -17,7 +17,9 @@ HELP = "Evaluate a model: generation (GSM8K, MATH, arithmetic) or multiple choic
 @dataclass
 class EvalOptions:
     model: str = option(
-        "", "Model folder (AutoModelForCausalLM / AutoTokenizer), or 'builtin' (untrained; smoke tests)."
+        "",
+        "Model folder (AutoModelForCausalLM / AutoTokenizer), 'builtin' (untrained; smoke tests) or "
+        "'builtin:arith' (the shipped start trained on the built-in arithmetic task).",
     )
     data: str = option(
         "", "JSONL file (GSM8K, MATH, multiple-choice or generic format; docs/evaluation.md) or 'arithmetic'."
@@ -55,8 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(name: str, *, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
-    """(model, tokenizer) from a folder with ``from_pretrained``, or the built-in tiny model."""
+    """(model, tokenizer) from a folder with ``from_pretrained``, or the built-in tiny model
+    (``builtin``: fresh; ``builtin:arith``: the shipped start, :func:`miopt.models.resolve_model`)."""
     import torch
+
+    from miopt.models import resolve_model
+
+    name = resolve_model(name)
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
