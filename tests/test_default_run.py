@@ -98,7 +98,7 @@ def test_sft_data_source_draws_fresh_problems_outside_the_reserved_ones(tokenize
     options = SFTOptions(model="builtin", data="builtin:arithmetic", max_steps=3, batch_size=50)
     examples = arithmetic_examples(options, tokenizer)
     prompts = [tokenizer.decode(example.prompt_ids) for example in examples]
-    assert len(set(prompts)) == len(examples) == 150
+    assert len(set(prompts)) == len(examples) == 100
     reserved = {f"Q: {question}=?\n" for question in reserved_questions(DefaultTask())}
     assert not set(prompts) & reserved
     with pytest.raises(OptionError, match="--max-steps"):

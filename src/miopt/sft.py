@@ -50,25 +50,21 @@ class SFTOptions(ModelOptions, LoopOptions):
 
 ARITHMETIC_DATA = "builtin:arithmetic"
 ARITHMETIC_LM_DATA = "builtin:arithmetic-lm"  # the same problems, the question in the loss too
-ARITHMETIC_PROBLEMS = 128_000  # 2,000 steps of batch 64, one fresh problem per example
+ARITHMETIC_PROBLEMS = 128_000  # an epoch: 2,000 steps of batch 64, one fresh problem per example
 
 
 def arithmetic_examples(options: SFTOptions, tokenizer) -> list[TokenizedExample]:
     """``--data builtin:arithmetic``: fresh worked problems, seeded by ``--seed``, disjoint from the
     built-in task's held-out, validation and preference problems
-    (:func:`miopt.tasks.default.start_problems`). Always at least ``ARITHMETIC_PROBLEMS`` of them, so
-    that the data order does not depend on ``--max-steps``: with a constant learning rate and no
-    warmup, a run of N steps is exactly the first N steps of a longer one (its checkpoint N)."""
-    import os
-
+    (:func:`miopt.tasks.default.start_problems`). Always ``ARITHMETIC_PROBLEMS`` of them (later epochs
+    reshuffle them), so that the data order does not depend on ``--max-steps``: with a constant
+    learning rate and no warmup, a run of N steps is exactly the first N steps of a longer one."""
     from miopt.data.tokenize import tokenize_examples
     from miopt.tasks.default import start_problems
 
     if options.max_steps < 1:
         raise OptionError("--data builtin:arithmetic needs --max-steps (one fresh problem per example)")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    used = options.max_steps * options.batch_size * options.gradient_accumulation_steps * world
-    problems = start_problems(max(used, ARITHMETIC_PROBLEMS), options.seed)
+    problems = start_problems(ARITHMETIC_PROBLEMS, options.seed)
     whole = options.data == ARITHMETIC_LM_DATA  # no prompt: every token of question and solution scored
     examples, _ = tokenize_examples(
         ["" if whole else p.prompt for p in problems],
