@@ -16,22 +16,15 @@ from miopt.compare import (
     CompareOptions,
     run_compare,
 )
-from miopt.default_run import DefaultTask
 from miopt.errors import OptionError
+from miopt.tasks.default import DefaultTask
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_preset() -> ArithPreset:
-    """A few hundred problems, a 10-step SFT start and 3 preference steps."""
-    task = DefaultTask(
-        sft_problems=256,
-        preference_prompts=96,
-        heldout_problems=48,
-        sft_steps=10,
-        sft_batch_size=32,
-        max_new_tokens=24,
-    )
+    """The shipped start, a few dozen problems and 3 preference steps."""
+    task = DefaultTask(pool_problems=120, validation_problems=0, preference_prompts=64, heldout_problems=48)
     return ArithPreset(task=task, seeds=1, logging_steps=1, overrides=(("max_steps", 3), ("batch_size", 8)))
 
 

@@ -1,4 +1,5 @@
-"""The embedded default pipeline on a tiny budget: wiring, outputs and the SFT cache."""
+"""The embedded default on a tiny budget: the three arms from the shipped start, the comparison
+table, the plot, the rerun, and the held-out problems kept out of every training set."""
 
 from __future__ import annotations
 
@@ -6,65 +7,112 @@ import json
 
 import pytest
 
-from miopt.default_run import DefaultTask, run_default, warm_start
+import miopt.default_run as default_run
+from miopt.default_run import ARMS, DefaultTask, run_default
+from miopt.errors import OptionError
+from miopt.tasks.default import reserved_questions, start_problems, task_splits
 from miopt.train import TrainOptions
 
-TINY = DefaultTask(
-    sft_problems=256, preference_prompts=96, heldout_problems=64, sft_steps=8, sft_batch_size=32
-)
+PNG = b"\x89PNG\r\n\x1a\n"
+TINY = DefaultTask(pool_problems=200, validation_problems=40, preference_prompts=48, heldout_problems=40)
 
 
-def test_default_pipeline_reports_both_accuracies_and_writes_outputs(tmp_path, capsys):
+def tiny_run(out, capsys=None, **flags):
+    flags = {"max_steps": 2, "batch_size": 4, "logging_steps": 1, **flags}
+    options = TrainOptions(output_dir=str(out), progress=False, **flags)
+    return run_default(options, explicit={"output_dir", "progress", *flags}, task=TINY)
+
+
+def test_default_run_trains_every_arm_from_the_shipped_start_and_writes_the_table(tmp_path, capsys):
     out = tmp_path / "default"
-    options = TrainOptions(output_dir=str(out), progress=False, max_steps=3)
-    summary = run_default(options, explicit={"output_dir", "progress", "max_steps"}, task=TINY)
-    for key in ("sft_start_accuracy", "final_accuracy"):
-        assert 0.0 <= summary[key] <= 1.0
-    assert summary["objective"] == "mio" and summary["beta"] == 0.5
-    saved = json.loads((out / "summary.json").read_text())
-    assert saved["heldout_problems"] == 64 and saved["pairs"] == summary["pairs"] > 0
-    assert (out / "model.safetensors").is_file() and (out / "curves.png").is_file()
+    comparison = tiny_run(out)
+    saved = json.loads((out / "comparison.json").read_text())
+    assert set(ARMS) == {"mio", "dpo", "sft"} and {"start", *ARMS} <= set(saved)
+    assert saved["heldout_problems"] == 40 and saved["pairs"] == comparison["pairs"] > 0
+    for name in ("start", *ARMS):
+        low, high = saved[name]["interval_95"]
+        assert low <= saved[name]["heldout_accuracy"] <= high and high - low > 0.1  # 40 problems: wide
+    for arm in ARMS:
+        assert saved[arm]["settings"]["objective"] == arm and saved[arm]["settings"]["max_steps"] == 2
+        assert isinstance(saved[arm]["chosen_change"], float) and isinstance(
+            saved[arm]["rejected_change"], float
+        )
+    # MIO is the run's result (the folder itself); the other arms sit beside it.
+    assert saved["mio"]["output_dir"] == str(out)
+    for folder in (out, out / "dpo", out / "sft"):
+        assert (folder / "model.safetensors").is_file() and (folder / "metrics.jsonl").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["objective"] == "mio" and summary["final_accuracy"] == saved["mio"]["heldout_accuracy"]
+    assert summary["start_accuracy"] == saved["start"]["heldout_accuracy"]
+    assert (out / "chosen_logps.png").read_bytes().startswith(PNG)
     printed = capsys.readouterr().out
-    assert "SFT start" in printed and str(out) in printed
-    for key in ("sft_start", "final"):
-        low, high = saved[f"{key}_accuracy_interval_95"]
-        assert low <= saved[f"{key}_accuracy"] <= high and high - low > 0.05  # 64 problems: a wide interval
-        assert f"{key} [{low:.1%}, {high:.1%}]" in printed
+    for name in ("start", *ARMS):
+        low, high = saved[name]["interval_95"]
+        assert f"[{low:.1%}, {high:.1%}]" in printed
+    assert str(out / "dpo") in printed
 
 
-def test_flags_given_by_the_user_win_over_the_default_settings(tmp_path):
-    options = TrainOptions(output_dir=str(tmp_path / "d"), progress=False, objective="dpo", max_steps=2)
-    summary = run_default(options, explicit={"output_dir", "progress", "objective", "max_steps"}, task=TINY)
-    assert summary["objective"] == "dpo" and summary["steps"] == 2
+def test_rerun_replaces_the_previous_default_and_a_foreign_folder_is_refused(tmp_path):
+    out = tmp_path / "default"
+    tiny_run(out, max_steps=1)
+    (out / "dpo" / "stale.txt").write_text("from the first run")
+    tiny_run(out, max_steps=1)
+    assert not (out / "dpo" / "stale.txt").exists() and (out / "comparison.json").is_file()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(OptionError, match="no default run wrote"):
+        tiny_run(foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
 
 
-def test_sft_start_is_cached(tmp_path, monkeypatch, tokenizer):
-    import miopt.sft as sft_module
-    from miopt.tasks import arithmetic
+def test_held_out_problems_are_in_neither_the_start_data_nor_the_pairs(tmp_path, monkeypatch):
+    task = DefaultTask()
+    splits = task_splits(task)
+    heldout = {p.expression for p in splits.heldout}
+    assert len(heldout) == 1000
+    assert heldout <= reserved_questions(task)
+    assert not heldout & {p.expression for p in start_problems(5000, seed=0)}
+    assert not heldout & {p.expression for p in splits.preference + splits.validation}
+    assert not {p.expression for p in splits.preference} & {p.expression for p in splits.validation}
+    # The pairs the default run trains on come from prompts none of which is held out.
+    seen = []
+    real = default_run.on_policy_pairs
 
-    problems, _ = arithmetic.generate_splits(TINY.sft_problems, 0, seed=TINY.seed)
-    first = warm_start(TINY, tokenizer, problems, progress=False)
+    def recording(model, tokenizer, problems, *args, **kwargs):
+        seen.extend(p.prompt for p in problems)
+        return real(model, tokenizer, problems, *args, **kwargs)
 
-    def must_not_train(*args, **kwargs):
-        raise AssertionError("the cached SFT start was trained again")
+    monkeypatch.setattr(default_run, "on_policy_pairs", recording)
+    tiny_run(tmp_path / "d", max_steps=1)
+    tiny_splits = task_splits(TINY)
+    assert seen == [p.prompt for p in tiny_splits.preference]
+    assert not set(seen) & {p.prompt for p in tiny_splits.heldout}
 
-    monkeypatch.setattr(sft_module, "sft_on_examples", must_not_train)
-    assert warm_start(TINY, tokenizer, problems, progress=False) == first
-    with pytest.raises(AssertionError):
-        warm_start(DefaultTask(sft_problems=256, sft_steps=9), tokenizer, problems, progress=False)
+
+def test_sft_data_source_draws_fresh_problems_outside_the_reserved_ones(tokenizer, monkeypatch):
+    import miopt.sft
+    from miopt.sft import SFTOptions, arithmetic_examples
+
+    monkeypatch.setattr(miopt.sft, "ARITHMETIC_PROBLEMS", 100)  # the real floor: 128,000
+    options = SFTOptions(model="builtin", data="builtin:arithmetic", max_steps=3, batch_size=50)
+    examples = arithmetic_examples(options, tokenizer)
+    prompts = [tokenizer.decode(example.prompt_ids) for example in examples]
+    assert len(set(prompts)) == len(examples) == 100
+    reserved = {f"Q: {question}=?\n" for question in reserved_questions(DefaultTask())}
+    assert not set(prompts) & reserved
+    with pytest.raises(OptionError, match="--max-steps"):
+        arithmetic_examples(SFTOptions(model="builtin", data="builtin:arithmetic"), tokenizer)
 
 
 def test_eval_arithmetic_default_is_the_default_runs_held_out_split():
     from miopt.evaluation.tasks import ARITHMETIC_DEFAULTS, load_records
-    from miopt.tasks import arithmetic
 
     task = DefaultTask()
     assert ARITHMETIC_DEFAULTS == {
-        "n_train": task.sft_problems + task.preference_prompts,
+        "n_train": task.pool_problems,
         "n_heldout": task.heldout_problems,
         "seed": task.seed,
     }
-    _, heldout = arithmetic.generate_splits(
-        task.sft_problems + task.preference_prompts, task.heldout_problems, seed=task.seed
-    )
+    heldout = task_splits(task).heldout
     assert [r.prompt for r in load_records("arithmetic", limit=5)] == [p.prompt for p in heldout[:5]]

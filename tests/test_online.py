@@ -277,24 +277,13 @@ def test_gsm8k_file_with_the_builtin_verifier_injection_and_heldout(small_model_
         assert pair["prompt"].startswith("Question: Ann has") and len(pair["rejected"]) == 4
 
 
-def test_builtin_task_without_model_uses_the_cached_sft_start_and_its_defaults(
-    small_model_dir, tmp_path, monkeypatch
-):
-    import miopt.default_run
-
-    calls = []
-    monkeypatch.setattr(
-        miopt.default_run,
-        "warm_start",
-        lambda task, tokenizer, problems, progress: calls.append(1) or small_model_dir,
-    )
+def test_builtin_task_without_model_uses_the_shipped_start_and_its_defaults(tmp_path):
     out = tmp_path / "run"
     args = ["online", "--output-dir", str(out), "--rounds", "1", "--samples", "2", "--prompts-per-round", "2"]
     args += ["--max-new-tokens", "8", "--eval-limit", "3", "--beta", "0.25", "--progress", "false"]
     assert main(args) == 0
-    assert calls == [1]
     stored = json.loads((out / "online.json").read_text())
-    assert stored["start_model"] == str(small_model_dir)
+    assert stored["start_model"] == "builtin:arith"
     assert stored["options"]["objective"] == "mio" and stored["options"]["learning_rate"] == 5e-5
     assert stored["options"]["beta"] == 0.25  # an explicit flag wins over the built-in defaults
     assert [row.get("heldout_n") for row in _rows(out)] == [3, 3]

@@ -1,7 +1,10 @@
 """Loading models and tokenizers: any Hugging Face causal LM by path or id, or the built-in one.
 
 Every model goes through ``AutoModelForCausalLM.from_pretrained(path_or_id)``; the name
-``builtin`` means the embedded tiny model of :mod:`miopt.builtin` (freshly initialised).
+``builtin`` means the embedded tiny model of :mod:`miopt.builtin` (freshly initialised), and
+``builtin:arith`` the shipped start: that model trained on the built-in arithmetic task, a Hugging
+Face folder inside the package (``miopt/assets/arith-start``, recipe in docs/experiments.md).
+:func:`resolve_model` turns such names into what ``from_pretrained`` takes; every command calls it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,27 @@ from pathlib import Path
 from miopt.errors import OptionError
 
 BUILTIN = "builtin"
+BUILTIN_ARITH = "builtin:arith"
+SHIPPED_MODELS = {BUILTIN_ARITH: "arith-start"}  # name -> folder under miopt/assets
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def shipped_model_dir(name: str = BUILTIN_ARITH) -> Path:
+    """The package folder of a shipped model (through ``importlib.resources``, so an installed wheel
+    finds it too)."""
+    from importlib.resources import files
+
+    if name not in SHIPPED_MODELS:
+        raise OptionError(f"unknown shipped model {name!r}; valid: {', '.join(SHIPPED_MODELS)}")
+    folder = Path(str(files("miopt").joinpath("assets", SHIPPED_MODELS[name])))
+    if not (folder / "config.json").is_file():
+        raise OptionError(f"the shipped model {name!r} is missing from the package ({folder})")
+    return folder
+
+
+def resolve_model(path_or_id: str) -> str:
+    """``builtin:arith`` (any name of ``SHIPPED_MODELS``) -> its package folder; others unchanged."""
+    return str(shipped_model_dir(path_or_id)) if path_or_id in SHIPPED_MODELS else path_or_id
 
 
 def _check_exists(path_or_id: str) -> None:
@@ -27,6 +50,7 @@ def _check_exists(path_or_id: str) -> None:
 
 def load_tokenizer(path_or_id: str):
     """The tokenizer of ``path_or_id``, with a pad token (the EOS token when it has none)."""
+    path_or_id = resolve_model(path_or_id)
     _check_exists(path_or_id)
     if path_or_id == BUILTIN:
         from miopt.builtin import build_tokenizer
@@ -65,6 +89,7 @@ def load_model(
 
     ``load_in_4bit``: NF4 weights (bitsandbytes, QLoRA's recipe) computed in ``dtype`` (default
     bfloat16), placed whole on this process's GPU."""
+    path_or_id = resolve_model(path_or_id)
     _check_exists(path_or_id)
     if load_in_4bit:
         check_4bit_available()
@@ -110,6 +135,7 @@ def load_model(
 def model_fingerprint(path_or_id: str, seed: int = 0) -> str:
     """Identifies a model's weights for caches: the built-in seed, or the local folder's config and
     weight files (name, size, modification time), or the hub id."""
+    path_or_id = resolve_model(path_or_id)
     digest = hashlib.sha256()
     path = Path(path_or_id)
     if path_or_id == BUILTIN:

@@ -109,19 +109,16 @@ def load_task(options: OnlineOptions) -> OnlineTask:
 
     limit = options.eval_limit
     if options.data == ARITHMETIC:
-        from miopt.default_run import DefaultTask
-        from miopt.tasks import arithmetic
+        from miopt.tasks.default import DefaultTask, task_splits
 
         task = DefaultTask()
-        train, heldout_problems = arithmetic.generate_splits(
-            task.sft_problems + task.preference_prompts, task.heldout_problems, seed=task.seed
-        )
-        # The SFT start saw the first sft_problems; online prompts are the others (as in default_run).
+        splits = task_splits(task)
+        # The prompts are the default run's preference prompts (the shipped start never saw them).
         pool = [
             dataclasses.replace(record, source=f"arithmetic-train:{index}")
-            for index, record in enumerate(arithmetic_records(train[task.sft_problems :]))
+            for index, record in enumerate(arithmetic_records(splits.preference))
         ]
-        heldout = arithmetic_records(heldout_problems)[:limit]
+        heldout = arithmetic_records(splits.heldout)[:limit]
         if options.eval_data:
             heldout = load_records(options.eval_data, limit=limit) if limit else []
         max_new_tokens = task.max_new_tokens
@@ -173,20 +170,14 @@ def _evaluate(model: Any, tokenizer: Any, task: OnlineTask, options: OnlineOptio
 
 
 def _starting_policy(options: OnlineOptions, progress: bool) -> str:
-    """``--model``, or on the built-in task the cached built-in SFT start (default_run.warm_start)."""
+    """``--model``, or on the built-in task the shipped start ``builtin:arith``."""
     if options.model:
         return options.model
     if options.data != ARITHMETIC:
         raise OptionError("--model is required with --data FILE (a model folder, hub id or 'builtin')")
-    from miopt.builtin import build_tokenizer
-    from miopt.default_run import DefaultTask, warm_start
-    from miopt.tasks import arithmetic
+    from miopt.models import BUILTIN_ARITH
 
-    task = DefaultTask()
-    train, _ = arithmetic.generate_splits(
-        task.sft_problems + task.preference_prompts, task.heldout_problems, seed=task.seed
-    )
-    return str(warm_start(task, build_tokenizer(), train[: task.sft_problems], progress))
+    return BUILTIN_ARITH
 
 
 def _round_train_options(

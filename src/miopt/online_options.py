@@ -55,7 +55,7 @@ class OnlineOptions(TrainOptions):
     model: str | None = option(
         None,
         "Starting policy: a Hugging Face causal-LM folder or hub id, or 'builtin' (untrained). "
-        "With --data arithmetic and no --model: the cached built-in SFT start (as miopt train's default).",
+        "With --data arithmetic and no --model: the shipped start builtin:arith (as miopt train's default).",
     )
     data: str | None = option(
         ARITHMETIC,

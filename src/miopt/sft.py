@@ -43,12 +43,42 @@ class SFTOptions(ModelOptions, LoopOptions):
     data: str | None = option(
         None,
         "Prompt/completion data (TRL prompt-completion or messages, or GSM8K "
-        "question/answer): JSONL/JSON/Parquet/CSV, save_to_disk folder, or hub id.",
+        "question/answer): JSONL/JSON/Parquet/CSV, save_to_disk folder, or hub id; or "
+        "'builtin:arithmetic': a fresh built-in arithmetic problem for every example, none held out "
+        "('builtin:arithmetic-lm': the same with the question in the loss too).",
     )
     learning_rate: float = option(2e-5, "Peak AdamW learning rate.")
     logprob_chunk: int = option(
         DEFAULT_CHUNK_TOKENS, "Completion tokens per log-softmax chunk; 0 = full logits."
     )
+
+
+ARITHMETIC_DATA = "builtin:arithmetic"
+ARITHMETIC_LM_DATA = "builtin:arithmetic-lm"  # the same problems, the question in the loss too
+ARITHMETIC_PROBLEMS = 128_000  # an epoch: 2,000 steps of batch 64, one fresh problem per example
+
+
+def arithmetic_examples(options: SFTOptions, tokenizer) -> list[TokenizedExample]:
+    """``--data builtin:arithmetic``: fresh worked problems, seeded by ``--seed``, disjoint from the
+    built-in task's held-out, validation and preference problems
+    (:func:`miopt.tasks.default.start_problems`). Always ``ARITHMETIC_PROBLEMS`` of them (later epochs
+    reshuffle them), so that the data order does not depend on ``--max-steps``: with a constant
+    learning rate and no warmup, a run of N steps is exactly the first N steps of a longer one."""
+    from miopt.data.tokenize import tokenize_examples
+    from miopt.tasks.default import start_problems
+
+    if options.max_steps < 1:
+        raise OptionError("--data builtin:arithmetic needs --max-steps (one fresh problem per example)")
+    problems = start_problems(ARITHMETIC_PROBLEMS, options.seed)
+    whole = options.data == ARITHMETIC_LM_DATA  # no prompt: every token of question and solution scored
+    examples, _ = tokenize_examples(
+        ["" if whole else p.prompt for p in problems],
+        [(p.prompt + p.solution if whole else p.solution,) for p in problems],
+        [f"{options.data}:{i}" for i in range(len(problems))],
+        tokenizer,
+        max_length=options.max_length,
+    )
+    return examples
 
 
 def completion_tokens(example: TokenizedExample) -> int:
@@ -118,7 +148,11 @@ def sft(options: SFTOptions) -> dict[str, Any]:
         raise OptionError("miopt sft needs --model (folder, hub id or 'builtin') and --data")
     with RunFolder(options) as folder:
         folder.check()
-        tokenizer, examples, _, _ = load_examples(options, load_sft_records, tokenize_sft)
+        if options.data in (ARITHMETIC_DATA, ARITHMETIC_LM_DATA):
+            tokenizer = models.load_tokenizer(options.model)
+            examples = arithmetic_examples(options, tokenizer)
+        else:
+            tokenizer, examples, _, _ = load_examples(options, load_sft_records, tokenize_sft)
         model = models.load_model(options.model, tokenizer, dtype=options.dtype, seed=options.seed)
         folder.start()
         return sft_on_examples(options, model, tokenizer, examples)

@@ -19,7 +19,9 @@ class EvalOptions:
     """Options of ``miopt eval``."""
 
     model: str = option(
-        "", "Model folder (AutoModelForCausalLM / AutoTokenizer), or 'builtin' (untrained; smoke tests)."
+        "",
+        "Model folder (AutoModelForCausalLM / AutoTokenizer), 'builtin' (untrained; smoke tests) or "
+        "'builtin:arith' (the shipped start trained on the built-in arithmetic task).",
     )
     data: str = option(
         "", "JSONL file (GSM8K, MATH, multiple-choice or generic format; docs/evaluation.md) or 'arithmetic'."
@@ -57,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(name: str, *, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
-    """(model, tokenizer) of a folder, hub id or 'builtin', through :mod:`miopt.models` (the loader every
+    """(model, tokenizer) of a folder, hub id or 'builtin' / 'builtin:arith', through :mod:`miopt.models` (the loader every
     command uses), on ``device`` (``auto``: CUDA when available)."""
     import torch
 

@@ -15,15 +15,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from miopt.config import resolve
+    from miopt.config import load_yaml, resolve
     from miopt.train import TrainOptions, train
 
     options = resolve(TrainOptions, args)
     if options.model is None and options.data is None:
         from miopt.default_run import DEFAULT_PREFERENCE_OPTIONS, run_default
 
-        # the default run's preset sits below the YAML file and the flags
-        run_default(resolve(TrainOptions, args, preset=DEFAULT_PREFERENCE_OPTIONS))
+        # the default run's preset sits below the YAML file and the flags, which also win over the
+        # settings each arm was tuned with
+        given = {key for key in vars(args) if not key.startswith("_")} - {"command", "config"}
+        if getattr(args, "config", None):
+            given |= set(load_yaml(args.config))
+        run_default(resolve(TrainOptions, args, preset=DEFAULT_PREFERENCE_OPTIONS), explicit=given)
         return 0
     summary = train(options)
     if not summary:  # not the main process of a distributed run

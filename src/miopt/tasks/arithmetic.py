@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 ANSWER_PATTERN = re.compile(r"A:\s*(-?\d+)")
@@ -100,3 +101,17 @@ def extract_answer(text: str) -> int | None:
 
 def is_correct(text: str, answer: int) -> bool:
     return extract_answer(text) == answer
+
+
+def fresh_problems(count: int, seed: int, exclude: Collection[str] = ()) -> list[Problem]:
+    """``count`` distinct problems from their own seeded stream (``Random("fresh:<seed>")``, apart
+    from :func:`generate_splits`' stream), none of whose question is in ``exclude``."""
+    rng = random.Random(f"fresh:{seed}")
+    seen = set(exclude)
+    problems: list[Problem] = []
+    while len(problems) < count:
+        problem = random_problem(rng)
+        if problem.expression not in seen:
+            seen.add(problem.expression)
+            problems.append(problem)
+    return problems
