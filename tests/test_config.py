@@ -59,10 +59,11 @@ def test_train_yaml_survives_without_model_and_data(tmp_path, monkeypatch):
         seen.append(options)
         raise _Trained
 
-    monkeypatch.setattr(default_run, "warm_start", lambda *args: tmp_path)
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: None)
+    monkeypatch.setattr(models, "load_tokenizer", lambda *args, **kwargs: None)
     monkeypatch.setattr(evaluation, "evaluate_arithmetic", lambda *args, **kwargs: 0.0)
-    monkeypatch.setattr(default_run, "on_policy_pairs", lambda *args, **kwargs: [])
+    monkeypatch.setattr(default_run, "on_policy_pairs", lambda *args, **kwargs: ["a pair"])
     monkeypatch.setattr(default_run, "train_on_examples", train_on_examples)
     config = tmp_path / "run.yaml"
     config.write_text("beta: 0.3\nmax_steps: 7\noutput_dir: somewhere\n")
