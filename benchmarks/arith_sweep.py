@@ -61,7 +61,11 @@ def main() -> None:
     validation = splits.validation[: args.validation]
     tokenizer = load_tokenizer(START_MODEL)
     start = load_model(START_MODEL)
-    shared = {k: v for k, v in DEFAULT_PREFERENCE_OPTIONS.items() if k not in ("objective", "output_dir")}
+    shared = {
+        k: v
+        for k, v in DEFAULT_PREFERENCE_OPTIONS.items()
+        if k not in ("objective", "output_dir", "max_steps", "logging_steps")
+    }
     examples = on_policy_pairs(
         start, tokenizer, splits.preference, task, max_length=shared["max_length"], source="arithmetic-pairs"
     )
@@ -78,6 +82,7 @@ def main() -> None:
                 model=START_MODEL,
                 output_dir=str(run_dir),
                 max_steps=args.steps,
+                logging_steps=10,
                 save_steps=args.eval_every,
                 save_total_limit=args.steps,
                 seed=TrainOptions.seed,  # the default run's seed: same data order

@@ -51,11 +51,13 @@ DEFAULT_PREFERENCE_OPTIONS = Preset(
     output_dir="runs/default",
     max_length=128,
 )
-# The arms, the run's result (MIO) first; each value: that arm's TrainOptions over the ones above.
+# The arms, the run's result (MIO) first; each value: that arm's TrainOptions over the ones above,
+# as chosen on the validation split with three settings per arm (benchmarks/arith_sweep.py,
+# docs/experiments.md): MIO beta 0.5, lr 5e-5, 100 steps; DPO the same at 50 steps; SFT lr 2e-4.
 ARMS: dict[str, dict[str, Any]] = {
     "mio": {"objective": "mio"},
-    "dpo": {"objective": "dpo"},
-    "sft": {"objective": "sft"},
+    "dpo": {"objective": "dpo", "max_steps": 50},
+    "sft": {"objective": "sft", "learning_rate": 2e-4},
 }
 
 
