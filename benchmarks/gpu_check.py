@@ -209,14 +209,12 @@ def step_throughput(out: Path, work: Path, dry: bool, log: Path) -> dict:
 
 TOY_DEFAULT = (
     "from miopt.default_run import DefaultTask, run_default; from miopt.train import TrainOptions; "
-    "task = DefaultTask(sft_problems=64, preference_prompts=32, heldout_problems=8, sft_steps=20, "
-    "sft_batch_size=16, max_new_tokens=20); "
+    "task = DefaultTask(pool_problems=72, validation_problems=8, preference_prompts=64, heldout_problems=8, "
+    "max_new_tokens=40); "
     "options = TrainOptions(progress=False, max_steps=2, batch_size=8, logging_steps=1); "
     "run_default(options, explicit={'progress', 'max_steps', 'batch_size', 'logging_steps'}, task=task)"
 )
-RESULT_LINE = re.compile(
-    r"held-out accuracy \((\d+) problems, greedy\): SFT start ([\d.]+)% -> (\w+) ([\d.]+)%"
-)
+RESULT_LINE = re.compile(r"held-out accuracy \((\d+) problems, greedy")
 
 
 def step_default_run(out: Path, work: Path, dry: bool, log: Path) -> dict:
@@ -235,18 +233,18 @@ def step_default_run(out: Path, work: Path, dry: bool, log: Path) -> dict:
     wall = time.perf_counter() - start
     print(completed.stdout)
     result = {"command": "miopt train" if not dry else "run_default(toy DefaultTask)", "wall_seconds": wall}
-    result["printed"] = completed.stdout.strip().splitlines()[-6:]
     match = RESULT_LINE.search(completed.stdout)
-    summary_file = folder / "runs" / "default" / "summary.json"
-    if completed.returncode != 0 or not match or not summary_file.is_file():
+    # the printed table: from its first line to the end
+    result["printed"] = completed.stdout[match.start() if match else 0 :].strip().splitlines()[-12:]
+    comparison_file = folder / "runs" / "default" / "comparison.json"
+    if completed.returncode != 0 or not match or not comparison_file.is_file():
         return {**result, "status": f"failed: exit {completed.returncode}, result line found: {bool(match)}"}
-    summary = json.loads(summary_file.read_text())
+    comparison = json.loads(comparison_file.read_text())
     result.update(
         status="ok",
         heldout_problems=int(match.group(1)),
-        sft_start_accuracy=summary["sft_start_accuracy"],
-        final_accuracy=summary["final_accuracy"],
-        run_seconds=summary.get("total_seconds"),
+        pairs=comparison["pairs"],
+        accuracy={name: row["heldout_accuracy"] for name, row in comparison.items() if isinstance(row, dict)},
     )
     return result
 
@@ -306,8 +304,9 @@ def describe(name: str, result: dict) -> str:
             if "pairs_per_second" in figures:
                 memory = figures["peak_memory_mb"]
                 line += f", {figures['pairs_per_second']:.2f} pairs/s, peak {memory:.0f} MB, MFU {figures['mfu']:.1%}"
-    if name == "default_run" and "final_accuracy" in result:
-        line += f"\n    SFT start {result['sft_start_accuracy']:.1%} -> {result['final_accuracy']:.1%}, wall {result['wall_seconds']:.0f} s"
+    if name == "default_run" and "accuracy" in result:
+        accuracies = ", ".join(f"{arm} {value:.1%}" for arm, value in result["accuracy"].items())
+        line += f"\n    {accuracies}; wall {result['wall_seconds']:.0f} s"
     return line
 
 

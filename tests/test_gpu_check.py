@@ -96,8 +96,9 @@ def test_dry_run_throughput_figures_are_positive_and_trl_ran_where_installed(dry
 def test_dry_run_default_run_prints_its_result(dry_run):
     _, out = dry_run
     step = json.loads((out / "report.json").read_text())["steps"]["default_run"]
-    assert step["wall_seconds"] > 0 and step["heldout_problems"] == 8
-    assert 0 <= step["sft_start_accuracy"] <= 1 and 0 <= step["final_accuracy"] <= 1
+    assert step["wall_seconds"] > 0 and step["heldout_problems"] == 8 and step["pairs"] > 0
+    assert set(step["accuracy"]) == {"start", "mio", "dpo", "sft"}
+    assert all(0 <= value <= 1 for value in step["accuracy"].values())
     assert any(line.startswith("held-out accuracy (8 problems") for line in step["printed"])
 
 
