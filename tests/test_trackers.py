@@ -35,9 +35,12 @@ def test_a_missing_tracker_package_names_the_install_before_anything_is_loaded(
 ):
     import miopt.trackers as trackers
 
+    # tensorboard present (whether installed here or not), wandb missing
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        trackers.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name)
+        trackers.importlib.util,
+        "find_spec",
+        lambda name: None if name == "wandb" else (object() if name == "tensorboard" else real(name)),
     )
     out = tmp_path / "run"
     args = ["train", "--model", str(small_model_dir), "--data", str(pairs_file), "--output-dir", str(out)]
