@@ -83,12 +83,15 @@ TOY = {
 
 
 def resolve_start(settings: Settings, work: Path) -> str:
-    """A model folder for ``--start``: ``sft`` -> the cached built-in SFT start; ``builtin`` -> the
-    untrained built-in model saved once (TRL needs a folder); anything else as given."""
+    """A model folder for ``--start`` (TRL needs a folder): ``sft`` -> the start ``miopt online --data
+    arithmetic`` uses (the shipped ``builtin:arith``); ``builtin`` -> the untrained built-in model saved
+    once; a shipped name -> its package folder; anything else as given."""
+    from miopt.models import resolve_model
+
     if settings.start == "sft":
         from miopt.online import OnlineOptions, _starting_policy
 
-        return _starting_policy(OnlineOptions(model=None, data="arithmetic"), progress=False)
+        return resolve_model(_starting_policy(OnlineOptions(model=None, data="arithmetic"), progress=False))
     if settings.start == "builtin":
         folder = work / "start-builtin"
         if not (folder / "config.json").is_file():
@@ -98,7 +101,7 @@ def resolve_start(settings: Settings, work: Path) -> str:
             build_model(tokenizer, seed=settings.seed).save_pretrained(folder)
             tokenizer.save_pretrained(folder)
         return str(folder)
-    return settings.start
+    return resolve_model(settings.start)
 
 
 def task_records(settings: Settings):
