@@ -61,6 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"miopt {args.command}: interrupted; resume with --resume", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear down a distributed run's process group before the interpreter exits: left to the
+    destructors, a gloo worker could abort at exit ("terminate called without an active exception")
+    after a successful run."""
+    torch = sys.modules.get("torch")  # never import torch just for this (``miopt --help`` stays fast)
+    distributed = getattr(torch, "distributed", None)
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
