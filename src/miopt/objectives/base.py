@@ -185,6 +185,18 @@ def evaluate(body: LossBody, chosen: Tensor, rejected: Tensor, mask: Tensor) -> 
     )
 
 
+def evaluate_pairwise(
+    loss_of_margin: Callable[[Tensor], Tensor], chosen: Tensor, rejected: Tensor, mask: Tensor
+) -> ObjectiveOutput:
+    """:func:`evaluate` for a pairwise loss of the margin ``T_w - T_k`` (mean over the real negatives),
+    reporting the DV bound as ``mi_bound``."""
+
+    def body(t_w: Tensor, t_neg: Tensor, neg_mask: Tensor) -> tuple[Tensor, Tensor]:
+        return pairwise_mean(loss_of_margin, t_w, t_neg, neg_mask), dv_bound(t_w, t_neg, neg_mask)
+
+    return evaluate(body, chosen, rejected, mask)
+
+
 def accepts(objective: Objective, option: str) -> bool:
     """Whether ``objective`` takes the keyword ``option`` (batch-provided options such as lengths)."""
     target = objective if inspect.isfunction(objective) else objective.__call__

@@ -17,6 +17,7 @@ from miopt.objectives.base import (
     critic_values,
     dv_bound,
     evaluate,
+    evaluate_pairwise,
     masked_mean,
     pairwise_mean,
 )
@@ -41,11 +42,7 @@ def ipo(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, rejected_mask
     )
 
-    def body(t_w: Tensor, t_neg: Tensor, neg_mask: Tensor) -> tuple[Tensor, Tensor]:
-        losses = pairwise_mean(lambda margin: (margin / beta - 1.0 / (2.0 * beta)) ** 2, t_w, t_neg, neg_mask)
-        return losses, dv_bound(t_w, t_neg, neg_mask)
-
-    return evaluate(body, chosen, rejected, mask)
+    return evaluate_pairwise(lambda margin: (margin / beta - 1.0 / (2.0 * beta)) ** 2, chosen, rejected, mask)
 
 
 def hinge(
@@ -66,11 +63,7 @@ def hinge(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, rejected_mask
     )
 
-    def body(t_w: Tensor, t_neg: Tensor, neg_mask: Tensor) -> tuple[Tensor, Tensor]:
-        losses = pairwise_mean(lambda margin: torch.relu(1.0 - margin), t_w, t_neg, neg_mask)
-        return losses, dv_bound(t_w, t_neg, neg_mask)
-
-    return evaluate(body, chosen, rejected, mask)
+    return evaluate_pairwise(lambda margin: torch.relu(1.0 - margin), chosen, rejected, mask)
 
 
 def robust(
@@ -99,10 +92,7 @@ def robust(
     def loss_of_margin(margin: Tensor) -> Tensor:
         return (-(1 - eps) * F.logsigmoid(margin) + eps * F.logsigmoid(-margin)) / (1 - 2 * eps)
 
-    def body(t_w: Tensor, t_neg: Tensor, neg_mask: Tensor) -> tuple[Tensor, Tensor]:
-        return pairwise_mean(loss_of_margin, t_w, t_neg, neg_mask), dv_bound(t_w, t_neg, neg_mask)
-
-    return evaluate(body, chosen, rejected, mask)
+    return evaluate_pairwise(loss_of_margin, chosen, rejected, mask)
 
 
 def simpo(

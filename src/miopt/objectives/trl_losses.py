@@ -20,19 +20,13 @@ from miopt.objectives.base import (
     critic_values,
     dv_bound,
     evaluate,
+    evaluate_pairwise,
     masked_mean,
     pairwise_mean,
 )
 
 # exp() of more than this overflows float32; DiscoPOP's exponential term is clamped below it.
 MAX_EXPONENT = 80.0
-
-
-def _pairwise(loss_of_margin, chosen: Tensor, rejected: Tensor, mask: Tensor) -> ObjectiveOutput:
-    def body(t_w: Tensor, t_neg: Tensor, neg_mask: Tensor) -> tuple[Tensor, Tensor]:
-        return pairwise_mean(loss_of_margin, t_w, t_neg, neg_mask), dv_bound(t_w, t_neg, neg_mask)
-
-    return evaluate(body, chosen, rejected, mask)
 
 
 def exo_pair(
@@ -65,7 +59,7 @@ def exo_pair(
         q_w, q_l = torch.sigmoid(margin), torch.sigmoid(-margin)
         return q_w * (F.logsigmoid(margin) - log_keep) + q_l * (F.logsigmoid(-margin) - log_flip)
 
-    return _pairwise(loss_of_margin, chosen, rejected, mask)
+    return evaluate_pairwise(loss_of_margin, chosen, rejected, mask)
 
 
 def sppo_hard(
@@ -176,7 +170,7 @@ def discopop(
         exponential = torch.exp((-margin + F.logsigmoid(margin / discopop_tau)).clamp(max=MAX_EXPONENT))
         return logistic + exponential
 
-    return _pairwise(loss_of_margin, chosen, rejected, mask)
+    return evaluate_pairwise(loss_of_margin, chosen, rejected, mask)
 
 
 def sigmoid_norm(
