@@ -282,6 +282,16 @@ def test_reference_cache_entries_are_checked_for_shape_and_finite_values():
     bad = ReferenceLogps(torch.tensor([-1.0, float("nan")]), torch.tensor([[-3.0], [-4.0]]))
     assert "NaN" in decode_entry(encode_entry(bad))[1]  # a consistent checksum does not make NaN usable
     assert "unreadable" in decode_entry(b"\x00" * 5)[1]
+    # LD-DPO's tail sums travel with the entry, under the same checks
+    tails = torch.tensor([-0.5, 0.0]), torch.tensor([[-1.0], [-2.0]])
+    logps, problem = decode_entry(encode_entry(ReferenceLogps(good.chosen, good.rejected, *tails)), (2, 1))
+    assert problem == "" and torch.equal(logps.rejected_tail, tails[1])
+    chosen, rejected = logps.select([1, 0], 1, ld_alpha=0.25)  # summed - (1 - alpha) * tail
+    assert chosen.tolist() == [-2.0, -1.0 + 0.75 * 0.5] and rejected.tolist() == [[-4.0 + 1.5], [-3.0 + 0.75]]
+    misshapen = ReferenceLogps(good.chosen, good.rejected, torch.zeros(3), tails[1])
+    assert "tail sums do not have the shapes" in decode_entry(encode_entry(misshapen))[1]
+    with pytest.raises(ValueError, match="no tail sums"):
+        good.select([0], 1, ld_alpha=0.5)
 
 
 # --- 5. a torn metrics line ------------------------------------------------------------------------

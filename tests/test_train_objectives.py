@@ -91,13 +91,13 @@ def test_objective_option_reaches_the_loss(small_model_dir, pairs_file, tmp_path
         (["--objective", "mio:-1"], "weight of 'mio' must be >= 0"),
         (["--objective", "kto,sft"], "cannot be combined"),
         (["--objective", "kto", "--sft-weight", "0.5"], "--sft-weight does not apply to unpaired objectives"),
-        (
-            ["--objective", "dpo", "--objective-option", "use_weighting=true"],
-            "use_weighting is not supported",
+        (  # TRL refuses WPO for AOT too
+            ["--objective", "aot", "--objective-option", "use_weighting=true"],
+            "option use_weighting does not apply to objective 'aot'",
         ),
         (
-            ["--objective", "dpo", "--objective-option", "ld_alpha=0.5"],
-            "ld_alpha needs --reference on-the-fly",
+            ["--objective", "mio", "--objective-option", "ld_alpha=1.5"],
+            "ld_alpha must be a number in [0, 1]",
         ),
     ],
 )
@@ -286,12 +286,112 @@ def test_ld_pair_logps_weights_the_tail_beyond_the_shorter_response(tiny_model, 
         torch.testing.assert_close(got.chosen, plain.chosen, rtol=1e-5, atol=1e-5)
 
 
-def test_ld_alpha_trains_with_an_on_the_fly_reference(small_model_dir, pairs_file, tmp_path):
-    out = tmp_path / "run"
-    args = _args(small_model_dir, pairs_file, out, "--max-steps", "1", "--objective", "dpo")
-    assert main([*args, "--reference", "on-the-fly", "--objective-option", "ld_alpha=0.5"]) == 0
-    (row,) = _metrics(out)
-    assert row["loss"] == pytest.approx(math.log(2.0), abs=1e-5)  # policy = reference at the first step
+def _step_examples():
+    from miopt.data.tokenize import TokenizedExample
+
+    return [  # prompt, chosen, rejected..., id: lengths 5 vs 2, and 1 vs 3 and 2
+        TokenizedExample((5, 6, 7), (10, 11, 12, 13, 14), ((20, 21),), "a"),
+        TokenizedExample((8, 9), (30,), ((31, 32, 33), (34, 35)), "b"),
+    ]
+
+
+@pytest.mark.parametrize("packing", ["padded", "shared-prompt"])
+def test_the_reference_cache_gives_the_ld_logps_of_a_reference_forward(tiny_model, packing):
+    """The cached tail sums turn into LD-DPO's reference log-probs for any alpha, equal to an LD forward
+    of the reference, although the cache was filled one example at a time."""
+    import torch
+
+    from miopt.length_desensitised import ld_pair_logps
+    from miopt.packing import make_batch
+    from miopt.reference import compute_reference_logps
+
+    examples = _step_examples()
+    tiny_model.eval()
+    reference = compute_reference_logps(
+        tiny_model, examples, 0, batch_size=1, packing=packing, progress=False
+    )
+    for ld_alpha in (0.0, 0.3):
+        with torch.no_grad():
+            batch = make_batch(examples, 0, packing, tiny_model)
+            want = ld_pair_logps(tiny_model, batch, chunk_tokens=64, ld_alpha=ld_alpha)
+        chosen, rejected = reference.select([0, 1], 2, ld_alpha)
+        mask = want.rejected_mask
+        torch.testing.assert_close(chosen, want.chosen, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rejected * mask, want.rejected * mask, atol=1e-5, rtol=1e-5)
+    summed_chosen, _ = reference.select([0, 1], 2)
+    assert (summed_chosen[0] - chosen[0]).abs() > 1e-3  # example a's chosen has a tail of 3 tokens
+
+
+@pytest.mark.parametrize("packing", ["padded", "shared-prompt"])
+def test_wpo_step_weights_each_pair_by_its_responses(tiny_model, packing):
+    """At the first step (policy = reference) DPO's loss of a prompt with K rejected responses is
+    log(1 + K), and WPO multiplies it by w(y_w) mean_k w(y_k), w(y) = exp(mean_t [log p(y_t) - log
+    sum_v p(v)^2]): here computed by hand."""
+    import torch
+
+    from miopt.preference_step import PreferenceData, make_step_function
+    from miopt.reference import compute_reference_logps
+
+    examples = _step_examples()
+    tiny_model.eval()
+    reference = compute_reference_logps(tiny_model, examples, 0, packing=packing, progress=False)
+    step = make_step_function(
+        objectives.build("dpo", {"use_weighting": True}),
+        PreferenceData(examples, reference),
+        beta=0.5, pad_token_id=0, chunk_tokens=4, packing=packing, use_weighting=True,
+    )  # fmt: skip
+    loss, _ = step(tiny_model, [0, 1])
+
+    def weight(prompt, response) -> float:
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logits = tiny_model(input_ids=ids).logits[0].double()
+        terms = []
+        for t in range(len(prompt), ids.shape[1]):
+            logp = torch.log_softmax(logits[t - 1], -1)
+            terms.append(logp[ids[0, t]] - torch.log((logp.exp() ** 2).sum()))
+        return math.exp(float(torch.stack(terms).mean()))
+
+    weights = [
+        weight(e.prompt_ids, e.chosen_ids)
+        * sum(weight(e.prompt_ids, r) for r in e.rejected_ids)
+        / len(e.rejected_ids)
+        for e in examples
+    ]
+    assert all(abs(w - 1) > 0.05 for w in weights)  # the weights are not trivially one
+    losses = [math.log(1 + len(e.rejected_ids)) * w for e, w in zip(examples, weights)]
+    assert float(loss.detach()) == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+
+
+def test_use_weighting_trains_end_to_end(small_model_dir, pairs_file, tmp_path):
+    plain, weighted = tmp_path / "plain", tmp_path / "weighted"
+    assert main(_args(small_model_dir, pairs_file, plain, "--max-steps", "2", "--objective", "dpo")) == 0
+    args = _args(small_model_dir, pairs_file, weighted, "--max-steps", "2", "--objective", "dpo")
+    assert main([*args, "--objective-option", "use_weighting=true"]) == 0
+    first_plain, first_weighted = _metrics(plain)[0], _metrics(weighted)[0]
+    assert first_plain["loss"] == pytest.approx(math.log(2.0), abs=1e-5)
+    assert math.isfinite(first_weighted["loss"]) and first_weighted["loss"] != pytest.approx(math.log(2.0))
+    assert first_weighted["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # weights scale the loss only
+
+
+def test_ld_alpha_trains_from_the_reference_cache_as_from_a_reference_forward(
+    small_model_dir, pairs_file, tmp_path
+):
+    losses = {}
+    for reference in ("on-the-fly", "precompute", "precompute"):  # the second precompute reads the cache
+        out = tmp_path / f"{reference}-{len(losses)}"
+        args = _args(small_model_dir, pairs_file, out, "--max-steps", "2", "--objective", "dpo")
+        assert main([*args, "--reference", reference, "--objective-option", "ld_alpha=0.5"]) == 0
+        rows = _metrics(out)
+        assert rows[0]["loss"] == pytest.approx(
+            math.log(2.0), abs=1e-5
+        )  # policy = reference at the first step
+        summary = json.loads((out / "summary.json").read_text())
+        losses[(reference, summary["reference_cached"])] = [row["loss"] for row in rows]
+    assert set(losses) == {("on-the-fly", False), ("precompute", False), ("precompute", True)}
+    assert losses[("precompute", True)] == losses[("precompute", False)]
+    assert losses[("precompute", False)] == pytest.approx(losses[("on-the-fly", False)], abs=1e-4)
+    assert losses[("on-the-fly", False)][1] < math.log(2.0)  # the second step has trained
 
 
 def test_compare_accepts_every_name_and_combination(tmp_path):

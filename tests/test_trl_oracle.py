@@ -11,7 +11,8 @@ are read back from what TRL logged (``trainer._metrics["train"]``). On miopt's s
 function of ``miopt train`` runs with reference log-probs from ``compute_reference_logps``.
 miopt's ``dpo`` must give TRL's ``sigmoid`` loss and ``mio`` TRL's ``nca_pair`` loss, with the
 same ``logps/*``, ``rewards/*`` metrics (absolute tolerance 1e-4) and the same gradient with
-respect to every weight. The metric definitions agree for one rejected response per prompt:
+respect to every weight; so must TRL's modifiers ``use_weighting`` (WPO) and ``ld_alpha`` (LD-DPO),
+miopt's LD reference coming from the tail sums of its cache. The metric definitions agree for one rejected response per prompt:
 both report summed (not length-averaged) response log-probs and ``beta * (log pi - log pi_ref)``
 rewards; miopt's ``rewards/rejected`` and ``rewards/margins`` average over the K rejected
 responses of a prompt first, which is TRL's value when K = 1.
@@ -89,7 +90,7 @@ def load(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def trl_side(policy_dir, reference_dir, output_dir, loss_type, beta):
+def trl_side(policy_dir, reference_dir, output_dir, loss_type, beta, modifiers=None):
     """TRL's loss (with its graph), logged metrics and collated batch for one batch of all pairs, and the trainer."""
     with warnings.catch_warnings():
         # TRL 1.16 sets gradient_checkpointing, a name transformers 5 deprecates, and calls deprecated helpers:
@@ -108,6 +109,7 @@ def trl_side(policy_dir, reference_dir, output_dir, loss_type, beta):
             use_cpu=True,
             dataloader_num_workers=0,
             seed=0,
+            **(modifiers or {}),
         )
         trainer = DPOTrainer(
             model=load(policy_dir),
@@ -125,7 +127,7 @@ def trl_side(policy_dir, reference_dir, output_dir, loss_type, beta):
     return trainer, loss, metrics, batch
 
 
-def miopt_side(policy_dir, reference_dir, objective_name, beta):
+def miopt_side(policy_dir, reference_dir, objective_name, beta, modifiers=None):
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     records = [
         PreferenceRecord(pair["prompt"], pair["chosen"], (pair["rejected"],), f"pairs:{index}")
@@ -139,12 +141,15 @@ def miopt_side(policy_dir, reference_dir, objective_name, beta):
     )
     model = load(policy_dir)
     model.train()
+    modifiers = modifiers or {}
     step = make_step_function(
-        objectives.get(objective_name),
+        objectives.build(objective_name, modifiers),
         PreferenceData(examples, reference),
         beta=beta,
         pad_token_id=pad,
         chunk_tokens=DEFAULT_CHUNK_TOKENS,
+        ld_alpha=modifiers.get("ld_alpha"),
+        use_weighting=modifiers.get("use_weighting", False),
     )
     loss, metrics = step(model, list(range(len(examples))))
     return model, loss, metrics, examples, pad
@@ -165,13 +170,27 @@ def batch_rows(input_ids, attention_mask, completion_mask):
 
 
 @pytest.mark.parametrize(
-    ("objective_name", "loss_type", "beta"),
-    [("dpo", "sigmoid", 0.1), ("dpo", "sigmoid", 0.5), ("mio", "nca_pair", 0.1), ("mio", "nca_pair", 0.5)],
+    ("objective_name", "loss_type", "beta", "modifiers"),
+    [
+        ("dpo", "sigmoid", 0.1, {}),
+        ("dpo", "sigmoid", 0.5, {}),
+        ("mio", "nca_pair", 0.1, {}),
+        ("mio", "nca_pair", 0.5, {}),
+        # TRL's modifiers: WPO weights from miopt's chunked head; LD-DPO with the reference's tail sums
+        # from miopt's cache against TRL's reference forward.
+        ("dpo", "sigmoid", 0.5, {"use_weighting": True}),
+        ("dpo", "sigmoid", 0.5, {"ld_alpha": 0.3}),
+        ("mio", "nca_pair", 0.5, {"ld_alpha": 0.6, "use_weighting": True}),
+    ],
 )
-def test_step_matches_trl_dpo_trainer(model_dirs, tmp_path, objective_name, loss_type, beta):
+def test_step_matches_trl_dpo_trainer(model_dirs, tmp_path, objective_name, loss_type, beta, modifiers):
     policy_dir, reference_dir = model_dirs
-    trainer, trl_loss, trl_metrics, trl_batch = trl_side(policy_dir, reference_dir, tmp_path, loss_type, beta)
-    model, loss, metrics, examples, pad = miopt_side(policy_dir, reference_dir, objective_name, beta)
+    trainer, trl_loss, trl_metrics, trl_batch = trl_side(
+        policy_dir, reference_dir, tmp_path, loss_type, beta, modifiers
+    )
+    model, loss, metrics, examples, pad = miopt_side(
+        policy_dir, reference_dir, objective_name, beta, modifiers
+    )
 
     # Same token ids per example (TRL's tokenised dataset keeps the original order) ...
     tokenised = trainer.train_dataset

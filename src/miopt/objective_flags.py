@@ -17,14 +17,6 @@ from miopt.errors import OptionError
 OBJECTIVE_FLAGS = {"negatives": "negatives", "label_smoothing": "label_smoothing", "simpo_gamma": "gamma"}
 
 
-# Modifiers whose inputs the step function does not compute (documented in miopt.objectives.modifiers).
-UNSUPPORTED_IN_TRAIN = {
-    "use_weighting": "needs each token's sum over the vocabulary of squared probabilities, which the chunked "
-    "log-prob head does not compute (available in the objectives API: miopt.objectives.with_wpo_weighting)",
-    "ld_alpha": "needs per-token reference log-probs, which the reference cache (summed log-probs) does not hold",
-}
-
-
 def given_objective_options(options) -> dict[str, Any]:
     """Objective options set by flags (--negatives, --label-smoothing, --simpo-gamma) and --objective-option."""
     given: dict[str, Any] = {}
@@ -57,13 +49,6 @@ def objective_options(options) -> dict[str, dict[str, Any]]:
         raise OptionError(
             "--sft-weight does not apply to unpaired objectives (kto): there is no chosen response"
         )
-    for term in resolved.values():
-        if term.get("use_weighting"):
-            raise OptionError(
-                f"use_weighting is not supported by miopt train: it {UNSUPPORTED_IN_TRAIN['use_weighting']}"
-            )
-        if "ld_alpha" in term and getattr(options, "reference", "on-the-fly") != "on-the-fly":
-            raise OptionError(f"ld_alpha needs --reference on-the-fly: it {UNSUPPORTED_IN_TRAIN['ld_alpha']}")
     return resolved
 
 
@@ -73,3 +58,9 @@ def ld_alpha_of(options) -> float | None:
     if len(values) > 1:
         raise OptionError("ld_alpha must be the same for every term of a combination")
     return values.pop() if values else None
+
+
+def uses_weighting(options) -> bool:
+    """Whether a term of the objective is WPO-weighted (``use_weighting``): the step function then
+    computes each response's WPO input from the log-prob head's same pass."""
+    return any(term.get("use_weighting") for term in objective_options(options).values())

@@ -2,7 +2,9 @@
 
 The cache key covers the reference model's identity, every token id of the data (which fixes
 the tokenizer, the data and the truncation settings) and the precision, so a second run on the
-same data reads the file and never loads the reference model. Each entry carries the SHA-256 of
+same data reads the file and never loads the reference model. Beside each response's summed
+log-prob the entry keeps its LD-DPO tail sum (:mod:`miopt.length_desensitised`), so ``ld_alpha``
+trains from the cache too. Each entry carries the SHA-256 of
 its tensors; an entry whose checksum, shapes or values (NaN, infinity) are wrong is named,
 discarded and recomputed (docs/reliability.md).
 """
@@ -22,9 +24,13 @@ from torch import Tensor
 
 from miopt.checkpoint import atomic_write_bytes
 from miopt.data.tokenize import TokenizedExample
-from miopt.logprobs import pair_logps
+from miopt.length_desensitised import tail_logps
+from miopt.logprobs import pair_logps, sequence_logps, split_pairs
 from miopt.modeling import unwrap
+from miopt.objectives import ld_combine
 from miopt.packing import make_batch
+
+ENTRY_FORMAT = 2  # part of the cache key: entries of another format are never read
 
 
 def default_cache_dir() -> Path:
@@ -34,14 +40,36 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class ReferenceLogps:
-    """Summed reference log-probs per example: chosen ``[N]``, rejected ``[N, K]`` (0 where absent)."""
+    """Summed reference log-probs per example: chosen ``[N]``, rejected ``[N, K]`` (0 where absent);
+    ``chosen_tail``/``rejected_tail`` (same shapes) the sums beyond LD-DPO's shared length."""
 
     chosen: Tensor
     rejected: Tensor
+    chosen_tail: Tensor | None = None
+    rejected_tail: Tensor | None = None
 
-    def select(self, indices: Sequence[int], num_rejected: int) -> tuple[Tensor, Tensor]:
+    def tensors(self) -> dict[str, Tensor]:
+        named = {name: getattr(self, name) for name in ENTRY_TENSORS}
+        return {name: tensor for name, tensor in named.items() if tensor is not None}
+
+    def select(
+        self, indices: Sequence[int], num_rejected: int, ld_alpha: float | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Chosen ``[B]`` and rejected ``[B, K]`` of the examples ``indices``: summed, or LD-DPO's
+        log-probs with ``ld_alpha`` (:func:`miopt.objectives.ld_combine`)."""
         index = torch.as_tensor(list(indices), dtype=torch.long)
-        return self.chosen[index], self.rejected[index, :num_rejected]
+        chosen, rejected = self.chosen[index], self.rejected[index, :num_rejected]
+        if ld_alpha is None:
+            return chosen, rejected
+        if self.chosen_tail is None or self.rejected_tail is None:
+            raise ValueError("these reference log-probs carry no tail sums, which ld_alpha needs")
+        return (
+            ld_combine(chosen, self.chosen_tail[index], ld_alpha),
+            ld_combine(rejected, self.rejected_tail[index, :num_rejected], ld_alpha),
+        )
+
+
+ENTRY_TENSORS = ("chosen", "rejected", "chosen_tail", "rejected_tail")
 
 
 def cache_key(*parts: object) -> str:
@@ -61,8 +89,8 @@ def compute_reference_logps(
     accelerator=None,
     packing: str = "padded",
 ) -> ReferenceLogps:
-    """Summed response log-probs of every example under ``model`` (eval mode, no gradients), in the
-    batch layout ``packing`` (:func:`miopt.packing.make_batch`; training passes its own, so the
+    """Summed response log-probs of every example under ``model`` (eval mode, no gradients), and their
+    LD-DPO tail sums, in the batch layout ``packing`` (:func:`miopt.packing.make_batch`; training passes its own, so the
     critic is exactly zero at the first step).
 
     With an ``accelerator`` of several processes, each computes a contiguous share of the examples
@@ -74,8 +102,12 @@ def compute_reference_logps(
     model.eval()
     device = next(model.parameters()).device
     width = max(len(e.rejected_ids) for e in examples)
-    chosen = torch.zeros(len(examples))
-    rejected = torch.zeros(len(examples), width)
+    result = ReferenceLogps(
+        torch.zeros(len(examples)),
+        torch.zeros(len(examples), width),
+        torch.zeros(len(examples)),
+        torch.zeros(len(examples), width),
+    )
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
     first, last = len(examples) * rank // world, len(examples) * (rank + 1) // world
@@ -84,24 +116,29 @@ def compute_reference_logps(
         context = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
         with context:
             batch = make_batch(examples[start : min(start + batch_size, last)], pad_token_id, packing, model)
-            result = pair_logps(model, batch.to(device), chunk_tokens=chunk_tokens)
+            batch = batch.to(device)
+            logps = sequence_logps(model, batch, chunk_tokens=chunk_tokens)
         stop = start + batch.num_prompts
-        chosen[start:stop] = result.chosen.float().cpu()
-        rejected[start:stop, : result.rejected.shape[1]] = result.rejected.float().cpu()
+        summed, tails = split_pairs(logps, batch), split_pairs(logps, batch, tail_logps(logps, batch))
+        for name, pair in (("", summed), ("_tail", tails)):
+            getattr(result, f"chosen{name}")[start:stop] = pair.chosen.float().cpu()
+            getattr(result, f"rejected{name}")[start:stop, : pair.rejected.shape[1]] = (
+                pair.rejected.float().cpu()
+            )
     model.train(was_training)
     if world > 1:
         from accelerate.utils import gather_object
 
-        shares = gather_object([(first, last, chosen[first:last], rejected[first:last])])
-        for share_first, share_last, share_chosen, share_rejected in shares:
-            chosen[share_first:share_last] = share_chosen
-            rejected[share_first:share_last] = share_rejected
-    return ReferenceLogps(chosen, rejected)
+        shares = gather_object([(first, last, {name: t[first:last] for name, t in result.tensors().items()})])
+        for share_first, share_last, share in shares:
+            for name, tensor in share.items():
+                getattr(result, name)[share_first:share_last] = tensor
+    return result
 
 
-def _tensors_sha256(chosen: Tensor, rejected: Tensor) -> str:
+def _tensors_sha256(tensors: dict[str, Tensor]) -> str:
     digest = hashlib.sha256()
-    for tensor in (chosen, rejected):
+    for tensor in tensors.values():  # in ENTRY_TENSORS order
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.contiguous().float().numpy().tobytes())
     return digest.hexdigest()
@@ -111,10 +148,8 @@ def encode_entry(logps: ReferenceLogps) -> bytes:
     """The cache file's bytes: safetensors with the tensors' checksum in its metadata."""
     from safetensors.torch import save
 
-    chosen, rejected = logps.chosen.contiguous().float(), logps.rejected.contiguous().float()
-    return save(
-        {"chosen": chosen, "rejected": rejected}, metadata={"sha256": _tensors_sha256(chosen, rejected)}
-    )
+    tensors = {name: tensor.contiguous().float() for name, tensor in logps.tensors().items()}
+    return save(tensors, metadata={"sha256": _tensors_sha256(tensors)})
 
 
 def decode_entry(data: bytes, shape: tuple[int, int] | None = None) -> tuple[ReferenceLogps | None, str]:
@@ -127,20 +162,25 @@ def decode_entry(data: bytes, shape: tuple[int, int] | None = None) -> tuple[Ref
         metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__") or {}
     except Exception as error:  # noqa: BLE001 - any unreadable file is damage
         return None, f"unreadable ({type(error).__name__}: {error})"
-    if set(tensors) != {"chosen", "rejected"}:
-        return None, f"holds {sorted(tensors)}, not chosen and rejected"
-    chosen, rejected = tensors["chosen"], tensors["rejected"]
+    if set(tensors) not in ({"chosen", "rejected"}, set(ENTRY_TENSORS)):
+        return None, f"holds {sorted(tensors)}, not chosen and rejected (and their tails)"
+    logps = ReferenceLogps(**tensors)
+    chosen, rejected = logps.chosen, logps.rejected
     if chosen.dim() != 1 or rejected.dim() != 2 or rejected.shape[0] != chosen.shape[0]:
         return None, f"shapes {tuple(chosen.shape)} and {tuple(rejected.shape)} do not fit together"
+    if logps.chosen_tail is not None and (
+        logps.chosen_tail.shape != chosen.shape or logps.rejected_tail.shape != rejected.shape
+    ):
+        return None, "its tail sums do not have the shapes of its log-probs"
     if shape is not None and (chosen.shape[0], rejected.shape[1]) != shape:
         return None, f"shape ({chosen.shape[0]}, {rejected.shape[1]}) is not the data's {shape}"
     if "sha256" not in metadata:
         return None, "it carries no checksum"
-    if metadata["sha256"] != _tensors_sha256(chosen, rejected):
+    if metadata["sha256"] != _tensors_sha256(logps.tensors()):
         return None, "its values do not match their checksum"
-    if not (torch.isfinite(chosen).all() and torch.isfinite(rejected).all()):
+    if not all(torch.isfinite(tensor).all() for tensor in logps.tensors().values()):
         return None, "it holds NaN or infinite values"
-    return ReferenceLogps(chosen, rejected), ""
+    return logps, ""
 
 
 def load_or_compute(
@@ -167,7 +207,7 @@ def load_or_compute(
             print(f"reference cache {path}: {problem}; discarded, recomputing", file=sys.stderr, flush=True)
             path.unlink(missing_ok=True)
         else:
-            tensors = {"chosen": logps.chosen, "rejected": logps.rejected}
+            tensors = logps.tensors()
     if distributed:
         from accelerate.utils import broadcast_object_list
 
@@ -175,7 +215,7 @@ def load_or_compute(
         broadcast_object_list(holder)
         tensors = holder[0]
     if tensors is not None:
-        return ReferenceLogps(tensors["chosen"], tensors["rejected"]), True
+        return ReferenceLogps(**tensors), True
     logps = compute()
     if main:
         atomic_write_bytes(path, encode_entry(logps))

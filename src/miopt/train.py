@@ -2,8 +2,8 @@
 
 ``train(options)`` loads and validates everything first (so bad input fails before anything is
 written), computes or reads the cached reference log-probs, then hands a step function to the
-shared loop (:mod:`miopt.loop`). The step function is the only place where log-probs meet an
-objective; the maths lives in :mod:`miopt.objectives` and :mod:`miopt.logprobs`.
+shared loop (:mod:`miopt.loop`). The step function (:mod:`miopt.preference_step`) is the only place
+where log-probs meet an objective; the maths lives in :mod:`miopt.objectives` and :mod:`miopt.logprobs`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,8 +27,7 @@ from miopt.config import option
 from miopt.data import load_preference_records
 from miopt.data.tokenize import TokenizedExample, fingerprint, tokenize_preferences
 from miopt.errors import OptionError
-from miopt.length_desensitised import ld_pair_logps
-from miopt.logprobs import DEFAULT_CHUNK_TOKENS, pair_logps
+from miopt.logprobs import DEFAULT_CHUNK_TOKENS
 from miopt.loop import (
     LoopOptions,
     check_loop_options,
@@ -39,18 +37,18 @@ from miopt.loop import (
     sharded_setup,
 )
 from miopt.modeling import disable_dropout, unwrap
-from miopt.objective_flags import given_objective_options, ld_alpha_of, objective_options
-from miopt.objectives.base import masked_mean
+from miopt.objective_flags import given_objective_options, ld_alpha_of, objective_options, uses_weighting
 from miopt.option_checks import check_model_options, check_preference_ranges
-from miopt.packing import PACKINGS, make_batch
+from miopt.packing import PACKINGS
 from miopt.plots import plot_training_curves
+from miopt.preference_step import PreferenceData, make_step_function
 from miopt.reference import (
+    ENTRY_FORMAT,
     ReferenceLogps,
     cache_key,
     compute_reference_logps,
     default_cache_dir,
     load_or_compute,
-    on_the_fly_reference,
 )
 from miopt.run_folder import RunFolder
 from miopt.unpaired_training import as_unpaired, make_unpaired_step_function, unpaired_loaders
@@ -194,71 +192,6 @@ class ChosenDeclineMonitor:
             )
 
 
-@dataclass
-class PreferenceData:
-    examples: list[TokenizedExample]
-    reference: ReferenceLogps | None
-
-
-def make_step_function(
-    objective,
-    data: PreferenceData,
-    *,
-    beta: float,
-    pad_token_id: int,
-    chunk_tokens: int,
-    reference_model=None,
-    objective_kwargs: dict[str, Any] | None = None,
-    packing: str = "shared-prompt",
-    ld_alpha: float | None = None,
-):
-    """The training step: one forward over chosen and rejected rows, reference log-probs from the
-    cache (or a reference forward), the objective, and the metrics under TRL's names."""
-    objective_kwargs = objective_kwargs or {}
-    reference_free = objectives.is_reference_free(objective)
-    # LD-DPO (ld_alpha): length-desensitised log-probs for policy and reference (miopt.length_desensitised).
-    pair_fn = pair_logps if ld_alpha is None else partial(ld_pair_logps, ld_alpha=ld_alpha)
-
-    def step(model, indices: Sequence[int]):
-        examples = [data.examples[i] for i in indices]
-        device = next(unwrap(model).parameters()).device
-        batch = make_batch(examples, pad_token_id, packing, model).to(device)
-        policy = pair_fn(model, batch, chunk_tokens=chunk_tokens)
-        ref_chosen = ref_rejected = None
-        if not reference_free:
-            if data.reference is not None:
-                ref_chosen, ref_rejected = data.reference.select(indices, batch.rejected_shape[1])
-                ref_chosen, ref_rejected = ref_chosen.to(device), ref_rejected.to(device)
-            else:
-                ref_chosen, ref_rejected = on_the_fly_reference(
-                    model, reference_model, batch, chunk_tokens, pair_fn
-                )
-        output = objectives.compute(
-            objective,
-            policy.chosen,
-            policy.rejected,
-            ref_chosen,
-            ref_rejected,
-            beta=beta,
-            rejected_mask=policy.rejected_mask,
-            chosen_lengths=policy.chosen_lengths,
-            rejected_lengths=policy.rejected_lengths,
-            **objective_kwargs,
-        )
-        metrics = output.metrics()
-        rejected = policy.rejected.detach()
-        metrics["logps/chosen"] = policy.chosen.detach().mean()
-        metrics["logps/rejected"] = masked_mean(rejected, policy.rejected_mask).mean()
-        if ref_chosen is not None:
-            metrics["logps/chosen_change"] = (policy.chosen.detach() - ref_chosen).mean()
-            metrics["logps/rejected_change"] = masked_mean(
-                rejected - ref_rejected, policy.rejected_mask
-            ).mean()
-        return output.losses.mean(), metrics
-
-    return step
-
-
 def apply_lora(model, options: ModelOptions):
     """Wrap ``model`` with LoRA adapters (peft); the frozen base serves as the reference."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -308,6 +241,7 @@ def reference_logps(
         fingerprint(examples),
         options.dtype,
         options.bf16,
+        f"entry-format-{ENTRY_FORMAT}",
     ]
     if options.load_in_4bit and not options.ref_model:
         parts.append("nf4")
@@ -448,8 +382,11 @@ def train_on_examples(
         reference_model.requires_grad_(False).eval().to(accelerator.device)
         if options.disable_dropout:
             disable_dropout(reference_model)
-    ld_alpha = None if unpaired else ld_alpha_of(options)
-    make_step = make_unpaired_step_function if unpaired else partial(make_step_function, ld_alpha=ld_alpha)
+    make_step = (
+        make_unpaired_step_function
+        if unpaired
+        else partial(make_step_function, ld_alpha=ld_alpha_of(options), use_weighting=uses_weighting(options))
+    )
     step = make_step(
         objective,
         PreferenceData(examples, reference),

@@ -21,7 +21,9 @@ from miopt.objectives.estimators import dv, js, nwj
 from miopt.objectives.kto import KTOOutput, kto
 from miopt.objectives.modifiers import (
     f_divergence_score,
+    ld_combine,
     ld_logps,
+    ld_tail_logps,
     with_f_divergence,
     with_wpo_weighting,
     wpo_token_terms,
@@ -122,7 +124,9 @@ __all__ = [
     "is_unpaired",
     "js",
     "kto",
+    "ld_combine",
     "ld_logps",
+    "ld_tail_logps",
     "nwj",
     "option_names",
     "options_of",

@@ -9,15 +9,14 @@
 * ``use_weighting`` (WPO, Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference
   Optimization", eq. 2): each pair's loss times ``w(y_w) w(y_l)``, ``w(y) = exp(mean_t [log pi(y_t) -
   log sum_v pi(v)^2])``, detached. It needs, per response, the mean over its tokens of
-  ``log pi(y_t) - log sum_v pi(v)^2`` (``chosen_wpo_logps``, ``rejected_wpo_logps``): the
-  full-vocabulary sum of squared probabilities per token, which the chunked log-prob head of
-  ``miopt train`` does not compute (so ``miopt train`` refuses it; see ``wpo_token_terms``).
+  ``log pi(y_t) - log sum_v pi(v)^2`` (``chosen_wpo_logps``, ``rejected_wpo_logps``;
+  :func:`wpo_token_terms`), which ``miopt train`` takes from the log-prob head's same pass
+  (:mod:`miopt.weighted_pairs`).
 * ``ld_alpha`` (LD-DPO, Liu et al. 2024, "Length Desensitization in Directed Preference
   Optimization"): summed log-probs replaced by ``shared + alpha * tail``, the tokens up to the shorter
   response's length counted fully and the rest weighted by ``alpha`` (:func:`ld_logps`), for the
-  policy and the reference alike. It needs per-token log-probs of the reference too, which the
-  reference cache (summed log-probs) does not hold: ``miopt train`` applies it with
-  ``--reference on-the-fly`` (:mod:`miopt.length_desensitised`).
+  policy and the reference alike. ``miopt train`` applies it in the step function
+  (:mod:`miopt.length_desensitised`); the reference cache keeps each response's tail sum for it.
 """
 
 from __future__ import annotations
@@ -99,15 +98,27 @@ def with_wpo_weighting(objective: Objective) -> Objective:
     return _named(wrapped, objective, "use_weighting")
 
 
+def ld_tail_logps(token_logps: Tensor, token_mask: Tensor, shared_lengths: Tensor) -> Tensor:
+    """Per response, the summed log-prob of its tokens after the first ``n = shared_lengths`` (LD-DPO's
+    tail). ``token_logps`` and ``token_mask`` ``[N, L]`` (mask: response tokens, in order); returns ``[N]``."""
+    mask = token_mask.to(token_logps.dtype)
+    position = torch.cumsum(mask, dim=-1)  # 1-based index of each response token
+    tail = mask * (position > shared_lengths.unsqueeze(-1)).to(mask.dtype)
+    return (token_logps * tail).sum(-1)
+
+
+def ld_combine(summed_logps: Tensor, tail_logps: Tensor, ld_alpha: float) -> Tensor:
+    """LD-DPO's log-prob from the full sum and the tail sum: ``shared + alpha * tail = summed - (1 -
+    alpha) * tail`` (Liu et al. 2024, section 4)."""
+    return summed_logps - (1.0 - ld_alpha) * tail_logps
+
+
 def ld_logps(token_logps: Tensor, token_mask: Tensor, shared_lengths: Tensor, ld_alpha: float) -> Tensor:
     """LD-DPO's desensitised log-prob of each response: ``sum of its first n tokens + alpha * the rest``,
     ``n = shared_lengths`` (the shorter response's token count in its pair). ``token_logps`` and
     ``token_mask`` ``[N, L]`` (mask: response tokens, in order); returns ``[N]``."""
-    mask = token_mask.to(token_logps.dtype)
-    position = torch.cumsum(mask, dim=-1)  # 1-based index of each response token
-    shared = mask * (position <= shared_lengths.unsqueeze(-1)).to(mask.dtype)
-    tail = mask - shared
-    return (token_logps * shared).sum(-1) + ld_alpha * (token_logps * tail).sum(-1)
+    summed = (token_logps * token_mask.to(token_logps.dtype)).sum(-1)
+    return ld_combine(summed, ld_tail_logps(token_logps, token_mask, shared_lengths), ld_alpha)
 
 
 def _named(wrapped, objective: Objective, suffix: str):
