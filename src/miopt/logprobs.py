@@ -48,9 +48,11 @@ class SequenceLogps:
 
 
 def log_sum_sq_probs(logits: Tensor, lse: Tensor) -> Tensor:
-    """``log sum_v softmax(logits)_v^2 = logsumexp(2 z) - 2 logsumexp(z)`` over the last dimension
-    (the normaliser of WPO's weights, Zhou et al. 2024, eq. 3), given ``lse = logsumexp(z)``."""
-    return torch.logsumexp(2 * logits, dim=-1) - 2 * lse
+    """``log sum_v softmax(logits)_v^2`` over the last dimension (the normaliser of WPO's weights, Zhou
+    et al. 2024, eq. 3), given ``lse = logsumexp(logits)``: one exp over the logits, squared in place.
+    Without gradient: WPO's weights are constants."""
+    with torch.no_grad():
+        return (logits - lse.unsqueeze(-1)).exp_().square_().sum(-1).log_()
 
 
 def _token_logps(
@@ -233,7 +235,7 @@ def _gather_logps(logits: Tensor, targets: Tensor, with_log_sum_sq: bool) -> tup
     logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1)
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    return token_logps, (log_sum_sq_probs(logits, lse).detach() if with_log_sum_sq else None)
+    return token_logps, (log_sum_sq_probs(logits, lse) if with_log_sum_sq else None)
 
 
 def _attention_for(model, batch: PackedBatch):
