@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from miopt.logprobs import DEFAULT_CHUNK_TOKENS, PairLogps, SequenceLogps, sequence_logps, split_pairs
+from miopt.logprobs import DEFAULT_CHUNK_TOKENS, PairLogps, SequenceLogps, as_pairs, sequence_logps
 from miopt.objectives import ld_combine, ld_tail_logps
 
 
@@ -34,11 +34,11 @@ def tail_logps(result: SequenceLogps, batch) -> Tensor:
     return ld_tail_logps(result.per_token, result.token_mask, shared_lengths(result, batch))
 
 
-def ld_split_pairs(result: SequenceLogps, batch, ld_alpha: float) -> PairLogps:
-    """:func:`miopt.logprobs.split_pairs` of LD-DPO's log-probs instead of the summed ones."""
-    return split_pairs(result, batch, ld_combine(result.summed, tail_logps(result, batch), ld_alpha))
+def ld_as_pairs(result: SequenceLogps, batch, ld_alpha: float) -> PairLogps:
+    """:func:`miopt.logprobs.as_pairs` of LD-DPO's log-probs instead of the summed ones."""
+    return as_pairs(result, batch, ld_combine(result.summed, tail_logps(result, batch), ld_alpha))
 
 
 def ld_pair_logps(model, batch, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, ld_alpha: float) -> PairLogps:
     """:func:`miopt.logprobs.pair_logps` with each summed log-prob replaced by LD-DPO's."""
-    return ld_split_pairs(sequence_logps(model, batch, chunk_tokens=chunk_tokens), batch, ld_alpha)
+    return ld_as_pairs(sequence_logps(model, batch, chunk_tokens=chunk_tokens), batch, ld_alpha)

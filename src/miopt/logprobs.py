@@ -301,10 +301,10 @@ class PairLogps:
 def pair_logps(model, batch, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PairLogps:
     """One forward pass over chosen and rejected rows (a padded :class:`SequenceBatch` or a
     :class:`miopt.data.packed.PackedBatch`), split back into ``[B]`` and ``[B, K]``."""
-    return split_pairs(sequence_logps(model, batch, chunk_tokens=chunk_tokens), batch)
+    return as_pairs(sequence_logps(model, batch, chunk_tokens=chunk_tokens), batch)
 
 
-def split_pairs(result: SequenceLogps, batch, summed: Tensor | None = None) -> PairLogps:
+def as_pairs(result: SequenceLogps, batch, summed: Tensor | None = None) -> PairLogps:
     """``result``'s rows (or ``summed``, another per-row log-prob ``[N]``) as chosen and rejected."""
     chosen, rejected = batch.split_rows(result.summed if summed is None else summed)
     chosen_lengths, rejected_lengths = batch.split_rows(result.token_counts)

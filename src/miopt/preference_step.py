@@ -15,8 +15,8 @@ from typing import Any
 
 from miopt import objectives
 from miopt.data.tokenize import TokenizedExample
-from miopt.length_desensitised import ld_pair_logps, ld_split_pairs
-from miopt.logprobs import pair_logps, sequence_logps, split_pairs
+from miopt.length_desensitised import ld_as_pairs, ld_pair_logps
+from miopt.logprobs import as_pairs, pair_logps, sequence_logps
 from miopt.modeling import unwrap
 from miopt.objectives.base import masked_mean
 from miopt.packing import make_batch
@@ -56,7 +56,7 @@ def make_step_function(
         device = next(unwrap(model).parameters()).device
         batch = make_batch(examples, pad_token_id, packing, model).to(device)
         result = sequence_logps(model, batch, chunk_tokens=chunk_tokens, with_log_sum_sq=use_weighting)
-        policy = split_pairs(result, batch) if ld_alpha is None else ld_split_pairs(result, batch, ld_alpha)
+        policy = as_pairs(result, batch) if ld_alpha is None else ld_as_pairs(result, batch, ld_alpha)
         ref_chosen = ref_rejected = None
         if not reference_free:
             if data.reference is not None:

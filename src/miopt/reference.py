@@ -25,7 +25,7 @@ from torch import Tensor
 from miopt.checkpoint import atomic_write_bytes
 from miopt.data.tokenize import TokenizedExample
 from miopt.length_desensitised import tail_logps
-from miopt.logprobs import pair_logps, sequence_logps, split_pairs
+from miopt.logprobs import as_pairs, pair_logps, sequence_logps
 from miopt.modeling import unwrap
 from miopt.objectives import ld_combine
 from miopt.packing import make_batch
@@ -119,7 +119,7 @@ def compute_reference_logps(
             batch = batch.to(device)
             logps = sequence_logps(model, batch, chunk_tokens=chunk_tokens)
         stop = start + batch.num_prompts
-        summed, tails = split_pairs(logps, batch), split_pairs(logps, batch, tail_logps(logps, batch))
+        summed, tails = as_pairs(logps, batch), as_pairs(logps, batch, tail_logps(logps, batch))
         for name, pair in (("", summed), ("_tail", tails)):
             getattr(result, f"chosen{name}")[start:stop] = pair.chosen.float().cpu()
             getattr(result, f"rejected{name}")[start:stop, : pair.rejected.shape[1]] = (
