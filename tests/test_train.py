@@ -119,6 +119,54 @@ def test_resume_continues_exactly(small_model_dir, pairs_file, tmp_path, monkeyp
         torch.testing.assert_close(part_weights[name], tensor, rtol=0, atol=1e-6)
 
 
+def test_resume_may_raise_max_steps_under_a_constant_schedule(small_model_dir, pairs_file, tmp_path, capsys):
+    """A run of 3 steps extended to 6 by --resume equals a run of 6 when the learning rate does not depend
+    on --max-steps (constant, no warmup); with a decaying schedule the extension is refused."""
+    constant = (
+        "--objective",
+        "dpo",
+        "--save-steps",
+        "3",
+        "--lr-scheduler",
+        "constant",
+        "--warmup-ratio",
+        "0",
+    )
+    full, extended = tmp_path / "full", tmp_path / "extended"
+    assert main(_train_args(small_model_dir, pairs_file, full, *constant, "--max-steps", "6")) == 0
+    assert main(_train_args(small_model_dir, pairs_file, extended, *constant, "--max-steps", "3")) == 0
+    assert (
+        main(_train_args(small_model_dir, pairs_file, extended, *constant, "--max-steps", "6", "--resume"))
+        == 0
+    )
+    assert json.loads((extended / "run.json").read_text())["max_steps"] == 6
+    assert [row["loss"] for row in _metrics(extended)] == [row["loss"] for row in _metrics(full)]
+    full_weights, extended_weights = (
+        load_file(full / "model.safetensors"),
+        load_file(extended / "model.safetensors"),
+    )
+    assert all(torch.equal(extended_weights[name], tensor) for name, tensor in full_weights.items())
+    capsys.readouterr()
+    # Shrinking it, or growing it under a linear decay, changes the run: refused, with the rule.
+    assert (
+        main(_train_args(small_model_dir, pairs_file, extended, *constant, "--max-steps", "5", "--resume"))
+        == 2
+    )
+    assert "--max-steps 6 -> 5" in capsys.readouterr().err
+    decaying = tmp_path / "decaying"
+    assert (
+        main(_train_args(small_model_dir, pairs_file, decaying, "--objective", "dpo", "--max-steps", "3"))
+        == 0
+    )
+    capsys.readouterr()
+    args = _train_args(
+        small_model_dir, pairs_file, decaying, "--objective", "dpo", "--max-steps", "6", "--resume"
+    )
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--max-steps 3 -> 6" in err and "may only grow, under --lr-scheduler constant" in err
+
+
 def test_second_run_reads_reference_cache_without_loading_reference_model(
     small_model_dir, pairs_file, tmp_path, monkeypatch
 ):

@@ -3,7 +3,8 @@
 A run records its defining options (everything but what is safe to change on resume, plus a
 fingerprint of the data's bytes) in ``run.json``. A new run into a folder that holds another
 run's files is refused unless ``--overwrite`` (which removes them first); ``--resume`` is refused
-when a defining option changed, naming each; a lock file (``.miopt.lock``, ``flock``) keeps a
+when a defining option changed, naming each (a raised ``--max-steps`` under a constant learning
+rate extends the run); a lock file (``.miopt.lock``, ``flock``) keeps a
 second process out while one runs. Used by ``miopt train`` and ``miopt sft``.
 """
 
@@ -118,14 +119,31 @@ def _describe(identity: dict[str, Any]) -> str:
     return ", ".join(shown) or "unknown options"
 
 
+def extends_constant_schedule(stored: dict[str, Any], current: dict[str, Any]) -> bool:
+    """A raised ``--max-steps`` under a learning rate that does not depend on it (``--lr-scheduler
+    constant``, ``--warmup-ratio 0``): the data order does not depend on it either, so the longer run's
+    first steps are the stored run's and ``--resume`` may extend it."""
+    before, after = stored.get("max_steps"), current.get("max_steps")
+    return (
+        current.get("lr_scheduler") == "constant"
+        and current.get("warmup_ratio") == 0
+        and isinstance(before, int)
+        and isinstance(after, int)
+        and 0 < before < after
+    )
+
+
 def _changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Changed defining options; an option only one side knows (a miopt version that added or
-    dropped it) is not a change, nor is a moved data file with the same contents."""
+    dropped it) is not a change, nor is a moved data file with the same contents, nor a raised
+    ``--max-steps`` under a constant schedule (:func:`extends_constant_schedule`)."""
     keys = sorted(set(stored) & set(current))
     if stored.get("data_sha256") == current.get("data_sha256") and not str(
         current.get("data_sha256")
     ).startswith("name:"):
         keys = [key for key in keys if key != "data"]
+    if extends_constant_schedule(stored, current):
+        keys = [key for key in keys if key != "max_steps"]
     return [
         f"--{key.replace('_', '-')} {stored.get(key)!r} -> {current.get(key)!r}"
         if key != "data_sha256"
@@ -219,9 +237,14 @@ class RunFolder:
             return None
         changes = _changes(stored, self.identity)
         if changes:
+            hint = (
+                "; --max-steps may only grow, under --lr-scheduler constant with --warmup-ratio 0"
+                if any(change.startswith("--max-steps ") for change in changes)
+                else ""
+            )
             raise OptionError(
                 f"--resume: options differ from the run in {self.path}: {'; '.join(changes)} "
-                "(pass --overwrite to start a new run there, or choose another --output-dir)"
+                f"(pass --overwrite to start a new run there, or choose another --output-dir{hint})"
             )
         return stored
 
