@@ -167,6 +167,22 @@ def test_resume_may_raise_max_steps_under_a_constant_schedule(small_model_dir, p
     assert "--max-steps 3 -> 6" in err and "may only grow, under --lr-scheduler constant" in err
 
 
+def test_checkpoints_of_a_tied_embedding_model_log_no_shared_tensor_warning(
+    small_model_dir, pairs_file, tmp_path, caplog
+):
+    """Accelerate warns at every checkpoint that it left a tied head out of the file; the tie is the
+    model's own and resume restores it, so the warning is dropped (and only that one)."""
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(small_model_dir).config.tie_word_embeddings
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        args = _train_args(small_model_dir, pairs_file, out, "--max-steps", "2", "--save-steps", "1")
+        assert main(args) == 0
+    assert list(out.glob("checkpoint-*"))  # written (and the warning would have come with each)
+    assert not [r for r in caplog.records if "Removed shared tensor" in r.getMessage()]
+
+
 def test_second_run_reads_reference_cache_without_loading_reference_model(
     small_model_dir, pairs_file, tmp_path, monkeypatch
 ):

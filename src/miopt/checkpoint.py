@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -261,13 +262,27 @@ def remove_stale_temporaries(output_dir: Path, prefix: str = ".") -> list[Path]:
     return removed
 
 
+class _SharedTensorNote(logging.Filter):
+    """Drops Accelerate's warning that a tensor sharing storage with another (tied input and output
+    embeddings) was left out of the safetensors file: a checkpoint is only ever loaded back into the
+    same architecture, whose tie restores it (resume is bit-exact, tests/test_train.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
 def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path:
     """Model, optimizer, scheduler, RNG and registered states, under a temporary name: files
     fsynced, the manifest written last, then renamed; older checkpoints pruned only after that."""
     final = checkpoint_dir(output_dir, step)
     temporary = atomic_directory(final) if accelerator.is_main_process else None
     temporary = _broadcast_path(accelerator, temporary)
-    accelerator.save_state(str(temporary))
+    accelerate_logger, note = logging.getLogger("accelerate.utils.other"), _SharedTensorNote()
+    accelerate_logger.addFilter(note)
+    try:
+        accelerator.save_state(str(temporary))
+    finally:
+        accelerate_logger.removeFilter(note)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(temporary / STATE_FILE, {"step": step})
