@@ -109,7 +109,8 @@ class TrainOptions(ModelOptions, LoopOptions):
         None,
         "Objective options as KEY=VALUE (repeatable), checked against the objective's declared options "
         "before anything loads, e.g. dpop_lambda=50, discopop_tau=0.05, label_smoothing=0.001 (exo_pair), "
-        "f_divergence_type=js_divergence, desirable_weight=1.0 (kto). See README, Objectives.",
+        "f_divergence_type=js_divergence, use_weighting=true (WPO, Zhou et al. 2024), ld_alpha=0.5 (LD-DPO, "
+        "Liu et al. 2024), desirable_weight=1.0 (kto). See README, Objectives.",
     )
     load_in_4bit: bool = option(
         False, "Load the frozen LoRA base in 4-bit NF4 (QLoRA); needs bitsandbytes and a CUDA GPU."
