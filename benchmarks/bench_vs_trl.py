@@ -3,6 +3,7 @@
     python benchmarks/bench_vs_trl.py --config tiny            # built-in char model, synthetic arithmetic pairs
     python benchmarks/bench_vs_trl.py --config mid             # hidden 512 x 8 layers, 32k BPE, GSM8K pairs
     python benchmarks/bench_vs_trl.py --config tiny --repeats 3 --threads 1 --variants padded
+    python benchmarks/bench_vs_trl.py --config mid --modifier use_weighting=true   # TRL's modifiers on both sides
 
 Both sides train the same saved model folder on the same pairs (one rejected response each: TRL's
 format), batch size, max length, optimizer (AdamW, constant learning rate, clipping at 1.0) and
@@ -64,6 +65,8 @@ CONFIGS = {
     "mid": Config("mid", batch_size=8, steps=6, warmup=1, max_length=512, model={"hidden_size": 512, "num_layers": 8, "num_heads": 8, "vocab_size": 32000}),
 }  # fmt: skip
 TRL_LOSS = {"dpo": "sigmoid", "mio": "nca_pair"}
+# --modifier choices: TRL's DPOConfig keyword and value (miopt's objective option of the same name).
+MODIFIERS = {"use_weighting=true": ("use_weighting", True), "ld_alpha=0.5": ("ld_alpha", 0.5)}
 
 
 # ----------------------------------------------------------------------------------------------- assets
@@ -258,6 +261,7 @@ def side_trl(spec: dict) -> dict:
             report_to="none",
             beta=spec["beta"],
             loss_type=[TRL_LOSS[spec["objective"]]],
+            **spec["modifiers"],
             max_length=spec["max_length"],
             per_device_train_batch_size=spec["batch_size"],
             max_steps=len(ordered) // spec["batch_size"],
@@ -341,13 +345,16 @@ def side_miopt(spec: dict) -> dict:
         autocast=accelerator.autocast,
         packing=spec["packing"],
     )
+    modifiers = spec["modifiers"]
     step = make_step_function(
-        objectives.get(spec["objective"]),
+        objectives.build(spec["objective"], modifiers),
         PreferenceData(examples, reference),
         beta=spec["beta"],
         pad_token_id=pad,
         chunk_tokens=DEFAULT_CHUNK_TOKENS,
         packing=spec["packing"],
+        ld_alpha=modifiers.get("ld_alpha"),
+        use_weighting=modifiers.get("use_weighting", False),
     )
     setup = time.perf_counter() - setup
     options = LoopOptions(
@@ -580,6 +587,14 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--objective", choices=list(TRL_LOSS), default="dpo")
     parser.add_argument(
+        "--modifier",
+        action="append",
+        default=[],
+        choices=[*MODIFIERS],
+        metavar="|".join(MODIFIERS),
+        help="TRL's DPO modifier on both sides (TRL's DPOConfig name and value), repeatable.",
+    )
+    parser.add_argument(
         "--packing", default="shared-prompt", help="miopt's layout (shared-prompt, packed, padded)."
     )
     parser.add_argument(
@@ -628,6 +643,7 @@ def main(argv=None) -> int:
         "seed": config.seed,
         "threads": args.threads,
         "bf16": args.bf16,
+        "modifiers": dict(MODIFIERS[m] for m in args.modifier),
     }
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     print(f"{config.name}: {asdict(config)}\nload average before: {_load()}", flush=True)
@@ -702,7 +718,8 @@ def _report(
             "max_loss_difference": max(diffs),
         }
     measured = steps[config.warmup :]
-    print(f"\n== {config.name}: batch {config.batch_size}, {config.objective} (TRL {TRL_LOSS[config.objective]}), "
+    modifiers = "".join(f" + {m}" for m in args.modifier)
+    print(f"\n== {config.name}: batch {config.batch_size}, {config.objective}{modifiers} (TRL {TRL_LOSS[config.objective]}), "
           f"{'bf16' if args.bf16 else 'fp32'}, {len(runs)} repeat(s), {args.threads} thread(s); "
           f"medians over repeats of per-run medians ==")  # fmt: skip
     print(f"sequence tokens/step {median(s['tokens'] for s in measured):.0f}; positions computed/step: TRL "
@@ -730,6 +747,7 @@ def _report(
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "threads": args.threads,
         "bf16": args.bf16,
+        "modifiers": args.modifier,
         "versions": _versions(),
         "runs": runs,
         "medians": table,
