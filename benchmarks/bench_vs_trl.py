@@ -261,7 +261,7 @@ def side_trl(spec: dict) -> dict:
             report_to="none",
             beta=spec["beta"],
             loss_type=[TRL_LOSS[spec["objective"]]],
-            **spec["modifiers"],
+            **spec.get("modifiers", {}),
             max_length=spec["max_length"],
             per_device_train_batch_size=spec["batch_size"],
             max_steps=len(ordered) // spec["batch_size"],
@@ -345,7 +345,7 @@ def side_miopt(spec: dict) -> dict:
         autocast=accelerator.autocast,
         packing=spec["packing"],
     )
-    modifiers = spec["modifiers"]
+    modifiers = spec.get("modifiers", {})
     step = make_step_function(
         objectives.build(spec["objective"], modifiers),
         PreferenceData(examples, reference),
