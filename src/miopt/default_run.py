@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from miopt.checkpoint import atomic_write_json
 from miopt.config import Preset, resolve
 from miopt.errors import OptionError
@@ -198,7 +200,8 @@ def run_default(
     started = time.perf_counter()
     splits = task_splits(task)
     tokenizer = load_tokenizer(START_MODEL)
-    model = load_model(START_MODEL)
+    # The start's evaluation and its pairs' generation run where training will (a GPU when there is one).
+    model = load_model(START_MODEL).to("cuda" if torch.cuda.is_available() else "cpu")
     steps = len(ARMS) + 2
     print(f"[1/{steps}] the shipped start ({START_MODEL}) on {len(splits.heldout)} held-out problems, "
           f"and its wrong answers to {len(splits.preference)} preference prompts", file=sys.stderr)  # fmt: skip
