@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from miopt.cli import main
 from miopt.config import ConfigError, Preset, option, resolve
@@ -60,7 +61,7 @@ def test_train_yaml_survives_without_model_and_data(tmp_path, monkeypatch):
         raise _Trained
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: None)
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: torch.nn.Module())  # a model stand-in
     monkeypatch.setattr(models, "load_tokenizer", lambda *args, **kwargs: None)
     monkeypatch.setattr(evaluation, "evaluate_arithmetic", lambda *args, **kwargs: 0.0)
     monkeypatch.setattr(default_run, "on_policy_pairs", lambda *args, **kwargs: ["a pair"])

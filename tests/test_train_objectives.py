@@ -95,6 +95,11 @@ def test_objective_option_reaches_the_loss(small_model_dir, pairs_file, tmp_path
             ["--objective", "aot", "--objective-option", "use_weighting=true"],
             "option use_weighting does not apply to objective 'aot'",
         ),
+        (["--ld-alpha", "2"], "--ld-alpha: ld_alpha must be a number in [0, 1], got 2.0"),
+        (
+            ["--objective", "mio", "--f-divergence-type", "forward_kl"],
+            "--f-divergence-type: option f_divergence_type does not apply to objective 'mio'",
+        ),
         (
             ["--objective", "mio", "--objective-option", "ld_alpha=1.5"],
             "ld_alpha must be a number in [0, 1]",
@@ -230,6 +235,29 @@ def test_kto_step_without_desirable_rows_keeps_metrics_finite():
         beta=0.1, labels=torch.tensor([False, False]),
     )  # fmt: skip
     assert all(torch.isfinite(v).all() for v in out.metrics().values())
+
+
+def test_trl_modifier_flags_and_yaml_keys_set_the_objective_options(tmp_path):
+    """TRL's DPOConfig names work as flags and as --config YAML keys, the same as --objective-option."""
+    from miopt.config import resolve
+    from miopt.objective_flags import ld_alpha_of, objective_options, uses_weighting
+    from miopt.train import TrainOptions
+
+    want = {"dpo": {"use_weighting": True, "ld_alpha": 0.5, "f_divergence_type": "alpha_divergence",
+                    "f_alpha_divergence_coef": 0.3}}  # fmt: skip
+    generic = TrainOptions(objective="dpo", objective_option=[
+        "use_weighting=true", "ld_alpha=0.5", "f_divergence_type=alpha_divergence", "f_alpha_divergence_coef=0.3",
+    ])  # fmt: skip
+    assert objective_options(generic) == want
+    config = tmp_path / "trl.yaml"
+    config.write_text(
+        "objective: dpo\nuse_weighting: true\nld_alpha: 0.5\nf_divergence_type: alpha_divergence\n"
+        "f_alpha_divergence_coef: 0.3\n"
+    )
+    from_yaml = resolve(TrainOptions, {"config": str(config)})
+    assert objective_options(from_yaml) == want
+    assert uses_weighting(from_yaml) and ld_alpha_of(from_yaml) == 0.5
+    assert objective_options(TrainOptions(objective="mio")) == {"mio": {}}  # unset flags set nothing
 
 
 def test_option_error_type_is_an_option_error():

@@ -1,6 +1,7 @@
 """Objective options from ``miopt train``'s flags, validated by the registry before anything loads.
 
-The dedicated flags (``--negatives``, ``--label-smoothing``, ``--simpo-gamma``) and the generic
+The dedicated flags (``--negatives``, ``--label-smoothing``, ``--simpo-gamma``, and TRL's
+``--use-weighting``, ``--ld-alpha``, ``--f-divergence-type``, ``--f-alpha-divergence-coef``) and the generic
 ``--objective-option KEY=VALUE`` are collected and checked by
 :func:`miopt.objectives.resolve_options` against the options each objective declares, so a new
 objective's options are validated without touching the commands.
@@ -13,12 +14,21 @@ from typing import Any
 from miopt import objectives
 from miopt.errors import OptionError
 
-# Objective options a flag can set: flag field -> the objective's keyword.
-OBJECTIVE_FLAGS = {"negatives": "negatives", "label_smoothing": "label_smoothing", "simpo_gamma": "gamma"}
+# Objective options a flag can set: flag field -> the objective's keyword. TRL's DPOConfig names
+# (use_weighting, ld_alpha, f_divergence_type, ...) are flags too, so a TRL user's YAML keys work.
+OBJECTIVE_FLAGS = {
+    "negatives": "negatives",
+    "label_smoothing": "label_smoothing",
+    "simpo_gamma": "gamma",
+    "use_weighting": "use_weighting",
+    "ld_alpha": "ld_alpha",
+    "f_divergence_type": "f_divergence_type",
+    "f_alpha_divergence_coef": "f_alpha_divergence_coef",
+}
 
 
 def given_objective_options(options) -> dict[str, Any]:
-    """Objective options set by flags (--negatives, --label-smoothing, --simpo-gamma) and --objective-option."""
+    """Objective options set by the dedicated flags (:data:`OBJECTIVE_FLAGS`) and --objective-option."""
     given: dict[str, Any] = {}
     for flag, keyword in OBJECTIVE_FLAGS.items():
         value = getattr(options, flag)

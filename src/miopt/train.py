@@ -105,6 +105,24 @@ class TrainOptions(ModelOptions, LoopOptions):
     label_smoothing: float | None = option(None, "Label-noise rate of 'robust' (Chowdhury et al. 2024).")
     simpo_gamma: float | None = option(None, "Target margin gamma of 'simpo' (Meng et al. 2024).")
     sft_weight: float = option(0.0, "Add weight x chosen NLL per token to the loss (RPO, Pang et al. 2024).")
+    use_weighting: bool | None = option(
+        None,
+        "WPO: each pair's loss weighted by how likely its responses are under the policy (Zhou et al. "
+        "2024, 'WPO: Enhancing RLHF with Weighted Preference Optimization'); TRL's use_weighting.",
+    )
+    ld_alpha: float | None = option(
+        None,
+        "LD-DPO: weight in [0, 1] of the tokens beyond the shorter response of a pair (Liu et al. 2024, "
+        "'Length Desensitization in Directed Preference Optimization'); TRL's ld_alpha.",
+    )
+    f_divergence_type: str | None = option(
+        None,
+        "Divergence behind the reward (Wang et al. 2023, 'Beyond Reverse KL'): reverse_kl (DPO), "
+        "forward_kl, js_divergence, alpha_divergence; TRL's f_divergence_type.",
+    )
+    f_alpha_divergence_coef: float | None = option(
+        None, "alpha of f_divergence_type=alpha_divergence (default 0.5); TRL's f_alpha_divergence_coef."
+    )
     objective_option: list[str] | None = option(
         None,
         "Objective options as KEY=VALUE (repeatable), checked against the objective's declared options "
