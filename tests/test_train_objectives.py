@@ -96,6 +96,7 @@ def test_objective_option_reaches_the_loss(small_model_dir, pairs_file, tmp_path
             "option use_weighting does not apply to objective 'aot'",
         ),
         (["--ld-alpha", "2"], "--ld-alpha: ld_alpha must be a number in [0, 1], got 2.0"),
+        (["--objective", "discopop", "--discopop-tau", "0"], "--discopop-tau: discopop_tau must be"),
         (
             ["--objective", "mio", "--f-divergence-type", "forward_kl"],
             "--f-divergence-type: option f_divergence_type does not apply to objective 'mio'",

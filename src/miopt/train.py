@@ -123,6 +123,10 @@ class TrainOptions(ModelOptions, LoopOptions):
     f_alpha_divergence_coef: float | None = option(
         None, "alpha of f_divergence_type=alpha_divergence (default 0.5); TRL's f_alpha_divergence_coef."
     )
+    discopop_tau: float | None = option(
+        None,
+        "Temperature of 'discopop' (Chris Lu et al. 2024, DiscoPOP), > 0, default 0.05; TRL's discopop_tau.",
+    )
     objective_option: list[str] | None = option(
         None,
         "Objective options as KEY=VALUE (repeatable), checked against the objective's declared options "
