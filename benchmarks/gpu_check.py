@@ -28,7 +28,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ WHEELS = ROOT / "wheels"
 SITE = ROOT / ".gpu-site"  # where missing wheels are installed (not the machine's environment)
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
 
+from logged_run import run_logged  # noqa: E402  (benchmarks/, put on the path above)
+
 STEPS = ("cuda_tests", "fsdp", "throughput", "default_run")
 # seconds per step: on the GPU they sum to 460 s (the check's limit is 480); the dry run is toy-sized
 BUDGETS = {"cuda_tests": 70, "fsdp": 130, "throughput": 150, "default_run": 110}
@@ -54,25 +55,6 @@ def child_env() -> dict:
     first = [str(ROOT / "src"), str(ROOT)] + ([str(SITE)] if SITE.is_dir() else [])
     env["PYTHONPATH"] = os.pathsep.join(first + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
-
-
-def run_logged(command: list[str], log: Path, timeout: float, **kwargs) -> tuple[int | None, float]:
-    """Run ``command`` with stdout and stderr appended to ``log``; kill its whole process group after
-    ``timeout`` seconds. Returns (exit status or None on timeout, wall seconds)."""
-    start = time.perf_counter()
-    with log.open("a") as stream:
-        stream.write(f"\n$ {' '.join(command)}\n")
-        stream.flush()
-        process = subprocess.Popen(
-            command, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True, **kwargs
-        )
-        try:
-            code = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            code = None
-    return code, time.perf_counter() - start
 
 
 # ------------------------------------------------------------------------------------------ wheels

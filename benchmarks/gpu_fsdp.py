@@ -87,7 +87,7 @@ def _weights_difference(a: Path, b: Path) -> float:
 
 
 def compare_fsdp_to_single(work: Path, env: dict, log: Path) -> dict:
-    from gpu_check import run_logged
+    from logged_run import run_logged
 
     if work.exists():
         shutil.rmtree(work)
