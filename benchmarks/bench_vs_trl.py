@@ -22,7 +22,8 @@ TRL's padded rows and its log-prob head over every position; miopt's packed rows
 distinct response tokens) and *useful* FLOPs (each sequence alone, causal, no padding: the same for both
 sides, so its ratio is the speed ratio). Everything printed is also written as JSON (``--json``).
 
-Assets (model folder, tokenizer, pairs file) are built once under ``--work-dir`` and reused.
+Assets (model folder, tokenizer, pairs file) are built once under ``--work-dir`` and reused
+(``bench_assets.py``); the memory, matmul-rate and FLOP accounting is ``bench_accounting.py``'s.
 """
 
 from __future__ import annotations
@@ -36,195 +37,18 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parents[1]
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
+from bench_accounting import batch_accounting, matmul_gflops, rss_mb, summarise
+from bench_assets import CONFIGS, ROOT, Config, prepare, training_order
 
-
-@dataclass
-class Config:
-    name: str
-    batch_size: int
-    steps: int  # measured steps
-    warmup: int  # steps discarded before measuring
-    max_length: int
-    objective: str = "dpo"
-    beta: float = 0.1
-    learning_rate: float = 1e-4
-    seed: int = 0
-    model: dict = field(default_factory=dict)
-
-
-CONFIGS = {
-    # The built-in model of docs/calibration.md (hidden 128, 4 layers, vocab 100) on the arithmetic task.
-    "tiny": Config("tiny", batch_size=8, steps=50, warmup=5, max_length=128, model={"hidden_size": 128, "num_layers": 4, "num_heads": 4}),
-    # hidden 512, 8 layers, FFN 2048, 32k byte-level BPE trained here on GSM8K train; GSM8K pairs <= 512 tokens.
-    "mid": Config("mid", batch_size=8, steps=6, warmup=1, max_length=512, model={"hidden_size": 512, "num_layers": 8, "num_heads": 8, "vocab_size": 32000}),
-}  # fmt: skip
 TRL_LOSS = {"dpo": "sigmoid", "mio": "nca_pair"}
 # --modifier choices: TRL's DPOConfig keyword and value (miopt's objective option of the same name).
 MODIFIERS = {"use_weighting=true": ("use_weighting", True), "ld_alpha=0.5": ("ld_alpha", 0.5)}
 
 
-# ----------------------------------------------------------------------------------------------- assets
-
-
-def build_bpe_tokenizer(texts, vocab_size: int):
-    """A byte-level BPE tokenizer trained on ``texts``, with pad/bos/eos/unk specials and no BOS added."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from miopt.builtin import SPECIAL_TOKENS
-
-    backend = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
-    tokenizer.padding_side = "right"
-    return tokenizer
-
-
-def _tiny_pairs(count: int, seed: int) -> list[dict]:
-    import random
-
-    from miopt.tasks import arithmetic
-
-    problems, _ = arithmetic.generate_splits(count, 0, seed=seed)
-    rng = random.Random(seed)
-    return [
-        {"prompt": p.prompt, "chosen": p.solution, "rejected": arithmetic.wrong_solution(p, rng)}
-        for p in problems
-    ]
-
-
-def _gsm8k_pairs(work: Path, tokenizer, max_length: int) -> list[dict]:
-    """``miopt data gsm8k-pairs`` train pairs, first rejected response of each (TRL takes one), kept when
-    prompt + each response fits ``max_length`` tokens with the EOS (so neither side truncates)."""
-    from miopt.cli import main
-
-    folder = work / "gsm8k-pairs"
-    if not (folder / "pairs_train.jsonl").is_file():
-        code = main(
-            [
-                "data",
-                "gsm8k-pairs",
-                "--input",
-                str(GSM8K / "example_model_solutions.jsonl"),
-                "--output-dir",
-                str(folder),
-            ]
-        )
-        assert code == 0
-    pairs = []
-    for line in (folder / "pairs_train.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rejected = row["rejected"][0] if isinstance(row["rejected"], list) else row["rejected"]
-        pair = {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": rejected}
-        prompt = len(tokenizer(pair["prompt"])["input_ids"])
-        longest = max(len(tokenizer(pair[k])["input_ids"]) for k in ("chosen", "rejected")) + 1
-        if prompt + longest <= max_length:
-            pairs.append(pair)
-    return pairs
-
-
-def prepare(config: Config, work: Path) -> tuple[Path, Path]:
-    """The model folder (weights + tokenizer) and pairs file of ``config``, built once."""
-    import torch
-
-    from miopt.builtin import build_model, build_tokenizer
-
-    work.mkdir(parents=True, exist_ok=True)
-    model_dir, pairs_file = work / "model", work / "pairs.jsonl"
-    count = config.batch_size * (config.steps + config.warmup)
-    stamp = work / "assets.json"
-    wanted = {"config": asdict(config), "pairs": count, "version": 3}
-    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
-        return model_dir, pairs_file
-    if config.name == "tiny":
-        tokenizer = build_tokenizer()
-        pairs = _tiny_pairs(count, config.seed)
-    else:
-        texts = []
-        for line in (GSM8K / "train.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            texts += [record["question"], record["answer"]]
-        tokenizer = build_bpe_tokenizer(texts, config.model["vocab_size"])
-        pairs = _gsm8k_pairs(work, tokenizer, config.max_length)
-        import random
-
-        random.Random(config.seed).shuffle(pairs)
-        pairs = pairs[:count]
-        assert len(pairs) == count, f"only {len(pairs)} GSM8K pairs fit {config.max_length} tokens"
-    model = build_model(
-        tokenizer,
-        hidden_size=config.model["hidden_size"],
-        num_layers=config.model["num_layers"],
-        num_heads=config.model["num_heads"],
-        max_positions=max(512, config.max_length),
-        seed=config.seed,
-    )
-    if config.model.get("vocab_size", len(tokenizer)) > len(tokenizer):
-        # the BPE trainer stops short of the requested size on GSM8K alone (~25.6k merges): the head is
-        # padded to the nominal vocabulary (rows no token uses), so its cost is that of a ~32k vocabulary
-        model.resize_token_embeddings(config.model["vocab_size"], mean_resizing=False)
-    model.to(torch.float32).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    stamp.write_text(json.dumps(wanted))
-    return model_dir, pairs_file
-
-
 # ------------------------------------------------------------------------------------------ one side
-
-
-def _rss_mb(field_name: str = "VmRSS") -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def matmul_gflops(n: int = 1024, repeats: int = 7, bf16: bool = False) -> float:
-    """Dense matmul throughput of this process (median of ``repeats``), GFLOP/s: fp32, or bf16 when
-    both sides train in bf16 mixed precision (their matmuls then run in bf16). On a GPU (where the
-    sides train) the matmul runs there, at n = 8192 so that it reaches the device's rate."""
-    import torch
-
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    cuda = torch.cuda.is_available()
-    n = 8192 if cuda else n
-    a, b = (torch.randn(n, n, dtype=dtype, device="cuda" if cuda else "cpu") for _ in range(2))
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for _ in range(2):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        a @ b
-        sync()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
-
-
-def training_order(num_pairs: int, spec: dict) -> list[int]:
-    """The pair indices in the order miopt's loop visits them (its seeded data order)."""
-    from miopt.loop import DataOrder
-
-    order = DataOrder(num_pairs, spec["batch_size"], spec["seed"], 0, 1)
-    return [i for step in range(num_pairs // spec["batch_size"]) for i in order.micro_batch(step)]
 
 
 def _ids_digest(rows) -> str:
@@ -241,12 +65,12 @@ def side_trl(spec: dict) -> dict:
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    imported = _rss_mb()
+    imported = rss_mb()
     pairs = [json.loads(line) for line in Path(spec["pairs"]).read_text().splitlines()]
     ordered = [pairs[i] for i in training_order(len(pairs), spec)]
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-    floor = _rss_mb()
+    floor = rss_mb()
     events: list[tuple[float, float]] = []
 
     class Timer(TrainerCallback):
@@ -320,7 +144,7 @@ def side_miopt(spec: dict) -> dict:
     from miopt.reference import compute_reference_logps
     from miopt.train import PreferenceData, make_step_function
 
-    imported = _rss_mb()
+    imported = rss_mb()
     pairs = [json.loads(line) for line in Path(spec["pairs"]).read_text().splitlines()]
     records = [
         PreferenceRecord(p["prompt"], p["chosen"], (p["rejected"],), f"pairs:{i}")
@@ -328,7 +152,7 @@ def side_miopt(spec: dict) -> dict:
     ]
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-    floor = _rss_mb()
+    floor = rss_mb()
     setup = time.perf_counter()
     examples, report = tokenize_preferences(records, tokenizer, max_length=spec["max_length"])
     assert report.truncated == 0 and report.skipped == 0, report.describe()
@@ -407,120 +231,11 @@ def run_side(spec: dict) -> dict:
     result.update(
         matmul_gflops=(before + after) / 2,
         matmul_gflops_before_after=(before, after),
-        peak_rss_mb=_rss_mb("VmHWM"),
+        peak_rss_mb=rss_mb("VmHWM"),
         peak_cuda_mb=peak_cuda_mb,
         threads=torch.get_num_threads(),
     )
     return result
-
-
-# ------------------------------------------------------------------------------------- accounting
-
-
-def batch_accounting(
-    config: Config,
-    model_dir: Path,
-    pairs_file: Path,
-    packing: str,
-    attention: str = "sdpa",
-    bf16: bool = False,
-) -> list[dict]:
-    """Per step: sequence tokens and FLOPs (useful; executed by TRL's padded batch; by miopt's layout,
-    with its lengths rounded to SHAPE_MULTIPLE in bf16 on CPU, as ``miopt.packing.rounds_shapes`` does)."""
-    import torch
-    from transformers import AutoConfig, AutoTokenizer
-
-    from miopt.data.records import PreferenceRecord
-    from miopt.data.tokenize import collate, tokenize_preferences
-    from miopt.packing import SHAPE_MULTIPLE, make_batch, round_up
-
-    model_config = AutoConfig.from_pretrained(model_dir)
-    # what make_batch looks at: the attention implementation a model loaded from this folder gets (sdpa
-    # by default), and a forward that passes keyword arguments on (transformers 5)
-    model = SimpleNamespace(
-        config=SimpleNamespace(_attn_implementation=attention), forward=lambda *args, **kwargs: None
-    )
-    multiple = SHAPE_MULTIPLE if bf16 and not torch.cuda.is_available() else 1
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pairs = [json.loads(line) for line in pairs_file.read_text().splitlines()]
-    records = [
-        PreferenceRecord(p["prompt"], p["chosen"], (p["rejected"],), str(i)) for i, p in enumerate(pairs)
-    ]
-    examples, _ = tokenize_preferences(records, tokenizer, max_length=config.max_length)
-    h, v, layers = model_config.hidden_size, model_config.vocab_size, model_config.num_hidden_layers
-    kv = h * model_config.num_key_value_heads // model_config.num_attention_heads
-    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * model_config.intermediate_size)
-
-    # fwd + bwd: 6 per weight per token; attention scores and values: 4 * h per (query, key) pair, x3;
-    # the log-prob head: forward, recomputed forward, 2 backward matmuls (both libraries checkpoint it).
-    def trunk(tokens: int, pairs_qk: int) -> float:
-        return 6 * linear * tokens + 12 * layers * h * pairs_qk
-
-    head = 8 * h * v
-    order = training_order(len(examples), {"batch_size": config.batch_size, "seed": config.seed})
-    steps = []
-    for s in range(len(order) // config.batch_size):
-        batch = [examples[i] for i in order[s * config.batch_size : (s + 1) * config.batch_size]]
-        lengths = [len(e.prompt_ids) + len(r) for e in batch for r in (e.chosen_ids, *e.rejected_ids)]
-        responses = [len(r) for e in batch for r in (e.chosen_ids, *e.rejected_ids)]
-        padded = collate(batch, tokenizer.pad_token_id)
-        rows, width = padded.input_ids.shape
-        layout = make_batch(batch, tokenizer.pad_token_id, packing, model)
-        if packing == "padded":
-            ours = trunk(rows * width, rows * width**2) + head * int(padded.response_mask[:, 1:].sum())
-            positions = rows * width
-        else:
-            r, c = layout.input_ids.shape
-            c = round_up(c, multiple)
-            if layout.attention_blocks is not None:  # one row; attention within each unit only
-                pairs_qk = sum(round_up(b - a, multiple) ** 2 for a, b, _ in layout.attention_blocks)
-            else:
-                pairs_qk = r * c * c
-            scored = round_up(layout.targets.numel(), multiple)
-            ours = trunk(r * c, pairs_qk) + head * scored + 2 * h * v * r
-            positions = r * c
-        steps.append(
-            {
-                "pairs": len(batch),
-                "tokens": sum(lengths),
-                "useful_flops": trunk(sum(lengths), sum(n * (n + 1) // 2 for n in lengths))
-                + head * sum(responses),
-                "trl_flops": trunk(rows * width, rows * width**2) + head * rows * (width - 1),
-                "trl_positions": rows * width,
-                "miopt_flops": ours,
-                "miopt_positions": positions,
-            }
-        )
-    return steps
-
-
-def summarise(result: dict, steps: list[dict], warmup: int, side: str) -> dict:
-    times = [result["events"][0][0] - result["train_start"]]
-    times += [b[0] - a[0] for a, b in zip(result["events"], result["events"][1:])]
-    measured = list(zip(times, steps))[warmup:]
-    peak = result["matmul_gflops"] * 1e9
-    key = "trl" if side == "trl" else "miopt"
-    median = statistics.median
-
-    return {
-        "step_seconds": median(t for t, _ in measured),
-        "pairs_per_second": median(s["pairs"] / t for t, s in measured),
-        "tokens_per_second": median(s["tokens"] / t for t, s in measured),
-        "positions_per_step": median(s[f"{key}_positions"] for _, s in measured),
-        "executed_flops_fraction": median(s[f"{key}_flops"] / t for t, s in measured) / peak,
-        "useful_flops_fraction": median(s["useful_flops"] / t for t, s in measured) / peak,
-        "executed_gflops": median(s[f"{key}_flops"] / t for t, s in measured) / 1e9,
-        "matmul_gflops": result["matmul_gflops"],
-        "peak_rss_mb": result["peak_rss_mb"],
-        "rss_floor_mb": result["rss_floor_mb"],
-        "rss_imports_mb": result["rss_imports_mb"],
-        "rss_above_imports_mb": result["peak_rss_mb"] - result["rss_imports_mb"],
-        "peak_cuda_mb": result["peak_cuda_mb"],
-        "setup_seconds": result["setup_seconds"],
-        "losses": [loss for _, loss in result["events"]],
-        "ids": result["ids"],
-        "threads": result["threads"],
-    }
 
 
 # ------------------------------------------------------------------------------------------- driver

@@ -53,7 +53,7 @@ def one_process_config(target: Path, state_dict_type: str) -> Path:
 
 
 def _assets(work: Path) -> tuple[Path, Path]:
-    from bench_vs_trl import _tiny_pairs
+    from bench_assets import tiny_pairs
 
     from miopt.builtin import build_model, build_tokenizer
 
@@ -61,7 +61,7 @@ def _assets(work: Path) -> tuple[Path, Path]:
     model_dir, data = work / "model", work / "pairs.jsonl"
     build_model(tokenizer, hidden_size=256, num_layers=4, num_heads=4, seed=0).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    data.write_text("".join(json.dumps(p) + "\n" for p in _tiny_pairs(24, seed=0)))
+    data.write_text("".join(json.dumps(p) + "\n" for p in tiny_pairs(24, seed=0)))
     return model_dir, data
 
 

@@ -1,6 +1,7 @@
 """The throughput step of ``gpu_check.py``: miopt against TRL's DPOTrainer on a ~370M-parameter Llama.
 
-The sides, their timing, the FLOP accounting and the matmul rate are ``bench_vs_trl.py``'s (each side
+The sides and their timing are ``bench_vs_trl.py``'s, the FLOP accounting and the matmul rate
+``bench_accounting.py``'s (each side
 in its own subprocess, same pairs in the same order, same batch, length, optimizer and objective);
 this module only builds the assets from what ships in the repository and condenses the figures:
 
@@ -26,16 +27,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 import bench_vs_trl as bench
+from bench_accounting import batch_accounting, summarise
+from bench_assets import Config, build_bpe_tokenizer
 
 PAIRS = Path(__file__).resolve().parent / "data" / "gsm8k_pairs.jsonl"
 GPU_MODEL = {"hidden_size": 1024, "num_layers": 20, "num_heads": 16, "vocab_size": 32000}
 TOY_MODEL = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "vocab_size": 32000}
 
 
-def config_for(dry: bool) -> bench.Config:
+def config_for(dry: bool) -> Config:
     if dry:
-        return bench.Config("gpu-check-toy", batch_size=2, steps=2, warmup=1, max_length=512, model=TOY_MODEL)
-    return bench.Config("gpu-check-370m", batch_size=8, steps=8, warmup=2, max_length=512, model=GPU_MODEL)
+        return Config("gpu-check-toy", batch_size=2, steps=2, warmup=1, max_length=512, model=TOY_MODEL)
+    return Config("gpu-check-370m", batch_size=8, steps=8, warmup=2, max_length=512, model=GPU_MODEL)
 
 
 def fitting_pairs(tokenizer, max_length: int) -> list[dict]:
@@ -50,7 +53,7 @@ def fitting_pairs(tokenizer, max_length: int) -> list[dict]:
     return pairs
 
 
-def prepare_assets(config: bench.Config, work: Path) -> tuple[Path, Path, int]:
+def prepare_assets(config: Config, work: Path) -> tuple[Path, Path, int]:
     """Model folder, pairs file and parameter count for ``config`` (built once per work folder)."""
     import torch
 
@@ -65,7 +68,7 @@ def prepare_assets(config: bench.Config, work: Path) -> tuple[Path, Path, int]:
         for line in PAIRS.read_text().splitlines()
         for key in ("prompt", "chosen", "rejected")
     ]
-    tokenizer = bench.build_bpe_tokenizer(texts, config.model["vocab_size"])
+    tokenizer = build_bpe_tokenizer(texts, config.model["vocab_size"])
     pairs = fitting_pairs(tokenizer, config.max_length)
     random.Random(config.seed).shuffle(pairs)
     count = config.batch_size * (config.steps + config.warmup)
@@ -91,7 +94,7 @@ def prepare_assets(config: bench.Config, work: Path) -> tuple[Path, Path, int]:
 
 
 def side_figures(summary: dict) -> dict:
-    """What the report keeps of one side's ``bench.summarise``: peak memory is CUDA's on a GPU, RSS on CPU."""
+    """What the report keeps of one side's ``summarise``: peak memory is CUDA's on a GPU, RSS on CPU."""
     cuda = summary["peak_cuda_mb"]
     return {
         "status": "ok",
@@ -118,7 +121,7 @@ def run_throughput(work: Path, dry: bool, partial: Path, packing: str = "shared-
 
     config = config_for(dry)
     model_dir, pairs_file, parameters = prepare_assets(config, work)
-    steps = bench.batch_accounting(config, model_dir, pairs_file, packing, bf16=True)
+    steps = batch_accounting(config, model_dir, pairs_file, packing, bf16=True)
     measured = steps[config.warmup :]
     common = {
         "model": str(model_dir),
@@ -167,7 +170,7 @@ def run_throughput(work: Path, dry: bool, partial: Path, packing: str = "shared-
                 "status": f"failed: the {name} side exited {error.returncode} (see the log)"
             }
             continue
-        result["sides"][name] = side_figures(bench.summarise(raw, steps, config.warmup, name))
+        result["sides"][name] = side_figures(summarise(raw, steps, config.warmup, name))
         atomic_write_json(partial, result)
     trl, ours = result["sides"].get("trl", {}), result["sides"]["miopt"]
     if "pairs_per_second" in trl and "pairs_per_second" in ours:

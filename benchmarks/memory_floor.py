@@ -24,14 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench_accounting import rss_mb
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
 
 
 def bare_loop(
@@ -43,9 +38,9 @@ def bare_loop(
     import transformers.models.llama.modeling_llama  # noqa: F401  (the same import floor as both trainers)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    imported = _rss_mb("VmRSS")
+    imported = rss_mb("VmRSS")
     if not train:
-        return {"imports_mb": imported, "peak_mb": _rss_mb("VmHWM")}
+        return {"imports_mb": imported, "peak_mb": rss_mb("VmHWM")}
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     pairs = [json.loads(line) for line in Path(pairs_file).read_text().splitlines()]
@@ -65,7 +60,7 @@ def bare_loop(
         model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return {"imports_mb": imported, "peak_mb": _rss_mb("VmHWM")}
+    return {"imports_mb": imported, "peak_mb": rss_mb("VmHWM")}
 
 
 def _spawn(args: list[str]) -> dict:
@@ -95,7 +90,7 @@ def main(argv=None) -> int:
 
     sys.path.insert(0, str(ROOT / "src"))
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_vs_trl import CONFIGS, prepare
+    from bench_assets import CONFIGS, prepare
 
     config = CONFIGS[args.config]
     work = Path(args.work_dir or ROOT / "runs" / "bench" / config.name).resolve()
