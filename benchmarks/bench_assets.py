@@ -109,9 +109,7 @@ def gsm8k_pairs(work: Path, tokenizer, max_length: int) -> list[dict]:
 
 def prepare(config: Config, work: Path) -> tuple[Path, Path]:
     """The model folder (weights + tokenizer) and pairs file of ``config``, built once."""
-    import torch
-
-    from miopt.builtin import build_model, build_tokenizer
+    from miopt.builtin import build_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
     model_dir, pairs_file = work / "model", work / "pairs.jsonl"
@@ -135,6 +133,24 @@ def prepare(config: Config, work: Path) -> tuple[Path, Path]:
         random.Random(config.seed).shuffle(pairs)
         pairs = pairs[:count]
         assert len(pairs) == count, f"only {len(pairs)} GSM8K pairs fit {config.max_length} tokens"
+    save_model_and_pairs(config, tokenizer, pairs, model_dir, pairs_file)
+    stamp.write_text(json.dumps(wanted))
+    return model_dir, pairs_file
+
+
+def save_model_and_pairs(
+    config: Config, tokenizer, pairs: list[dict], model_dir: Path, pairs_file: Path
+) -> int:
+    """The built-in Llama of ``config.model`` for ``tokenizer`` (float32), saved with the tokenizer into
+    ``model_dir``, and ``pairs`` into ``pairs_file``; returns its parameter count.
+
+    A ``vocab_size`` above the tokenizer's pads the embedding and head with rows no token uses (a BPE
+    trained on a small corpus stops short of the size asked for), so their cost is that of the full
+    vocabulary."""
+    import torch
+
+    from miopt.builtin import build_model
+
     model = build_model(
         tokenizer,
         hidden_size=config.model["hidden_size"],
@@ -144,11 +160,8 @@ def prepare(config: Config, work: Path) -> tuple[Path, Path]:
         seed=config.seed,
     )
     if config.model.get("vocab_size", len(tokenizer)) > len(tokenizer):
-        # the BPE trainer stops short of the requested size on GSM8K alone (~25.6k merges): the head is
-        # padded to the nominal vocabulary (rows no token uses), so its cost is that of a ~32k vocabulary
         model.resize_token_embeddings(config.model["vocab_size"], mean_resizing=False)
     model.to(torch.float32).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    stamp.write_text(json.dumps(wanted))
-    return model_dir, pairs_file
+    return sum(p.numel() for p in model.parameters())

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import bench_vs_trl as bench
 from bench_accounting import batch_accounting, summarise
-from bench_assets import Config, build_bpe_tokenizer
+from bench_assets import Config, build_bpe_tokenizer, save_model_and_pairs
 
 PAIRS = Path(__file__).resolve().parent / "data" / "gsm8k_pairs.jsonl"
 GPU_MODEL = {"hidden_size": 1024, "num_layers": 20, "num_heads": 16, "vocab_size": 32000}
@@ -55,10 +55,6 @@ def fitting_pairs(tokenizer, max_length: int) -> list[dict]:
 
 def prepare_assets(config: Config, work: Path) -> tuple[Path, Path, int]:
     """Model folder, pairs file and parameter count for ``config`` (built once per work folder)."""
-    import torch
-
-    from miopt.builtin import build_model
-
     model_dir, pairs_file, stamp = work / "model", work / "pairs.jsonl", work / "assets.json"
     if stamp.is_file() and json.loads(stamp.read_text())["config"] == asdict(config):
         return model_dir, pairs_file, json.loads(stamp.read_text())["parameters"]
@@ -74,21 +70,7 @@ def prepare_assets(config: Config, work: Path) -> tuple[Path, Path, int]:
     count = config.batch_size * (config.steps + config.warmup)
     if len(pairs) < count:
         raise RuntimeError(f"only {len(pairs)} shipped pairs fit {config.max_length} tokens; {count} needed")
-    model = build_model(
-        tokenizer,
-        hidden_size=config.model["hidden_size"],
-        num_layers=config.model["num_layers"],
-        num_heads=config.model["num_heads"],
-        max_positions=max(512, config.max_length),
-        seed=config.seed,
-    )
-    # the BPE trained on the shipped texts stops short of 32k: the embedding and head get the rows of a
-    # 32k vocabulary (unused by any token), so their cost is that of one
-    model.resize_token_embeddings(config.model["vocab_size"], mean_resizing=False)
-    parameters = sum(p.numel() for p in model.parameters())
-    model.to(torch.float32).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs[:count]))
+    parameters = save_model_and_pairs(config, tokenizer, pairs[:count], model_dir, pairs_file)
     stamp.write_text(json.dumps({"config": asdict(config), "parameters": parameters}))
     return model_dir, pairs_file, parameters
 
