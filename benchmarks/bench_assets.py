@@ -43,25 +43,11 @@ def training_order(num_pairs: int, spec: dict) -> list[int]:
 
 
 def build_bpe_tokenizer(texts, vocab_size: int):
-    """A byte-level BPE tokenizer trained on ``texts``, with pad/bos/eos/unk specials and no BOS added."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE tokenizer trained on ``texts`` (digits merged like any text), with pad/bos/eos/unk
+    specials and no BOS added."""
+    from miopt.gsm8k_model import train_tokenizer
 
-    from miopt.builtin import SPECIAL_TOKENS
-
-    backend = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
-    tokenizer.padding_side = "right"
-    return tokenizer
+    return train_tokenizer(texts, vocab_size, split_digits=False)
 
 
 def tiny_pairs(count: int, seed: int) -> list[dict]:
@@ -160,7 +146,9 @@ def save_model_and_pairs(
         seed=config.seed,
     )
     if config.model.get("vocab_size", len(tokenizer)) > len(tokenizer):
-        model.resize_token_embeddings(config.model["vocab_size"], mean_resizing=False)
+        with torch.random.fork_rng(devices=[]):  # the new rows' random values, seeded too
+            torch.manual_seed(config.seed)
+            model.resize_token_embeddings(config.model["vocab_size"], mean_resizing=False)
     model.to(torch.float32).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))

@@ -80,15 +80,19 @@ def read_train(path: str | Path, limit: int | None = None) -> list[tuple[str, st
     return rows
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000):
-    """A byte-level BPE tokenizer trained on ``texts`` (digits one per token), as a Hugging Face
-    ``PreTrainedTokenizerFast`` with pad/bos/eos/unk specials; no BOS is added to inputs."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, *, split_digits: bool = True):
+    """A byte-level BPE tokenizer trained on ``texts`` (digits one per token unless not
+    ``split_digits``), as a Hugging Face ``PreTrainedTokenizerFast`` with pad/bos/eos/unk specials; no
+    BOS is added to inputs."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
     )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
