@@ -109,7 +109,7 @@ def ld_tail_logps(token_logps: Tensor, token_mask: Tensor, shared_lengths: Tenso
 
 def ld_combine(summed_logps: Tensor, tail_logps: Tensor, ld_alpha: float) -> Tensor:
     """LD-DPO's log-prob from the full sum and the tail sum: ``shared + alpha * tail = summed - (1 -
-    alpha) * tail`` (Liu et al. 2024, section 4)."""
+    alpha) * tail`` (Liu et al. 2024, LD-DPO)."""
     return summed_logps - (1.0 - ld_alpha) * tail_logps
 
 
