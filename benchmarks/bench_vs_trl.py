@@ -85,7 +85,7 @@ def side_trl(spec: dict) -> dict:
             report_to="none",
             beta=spec["beta"],
             loss_type=[TRL_LOSS[spec["objective"]]],
-            **spec.get("modifiers", {}),
+            **spec["modifiers"],
             max_length=spec["max_length"],
             per_device_train_batch_size=spec["batch_size"],
             max_steps=len(ordered) // spec["batch_size"],
@@ -169,7 +169,7 @@ def side_miopt(spec: dict) -> dict:
         autocast=accelerator.autocast,
         packing=spec["packing"],
     )
-    modifiers = spec.get("modifiers", {})
+    modifiers = spec["modifiers"]
     step = make_step_function(
         objectives.build(spec["objective"], modifiers),
         PreferenceData(examples, reference),
@@ -214,6 +214,31 @@ def side_miopt(spec: dict) -> dict:
         "events": events,
         "rss_floor_mb": floor,
         "rss_imports_mb": imported,
+    }
+
+
+def side_spec(
+    config: Config,
+    model_dir: Path,
+    pairs_file: Path,
+    *,
+    threads: int,
+    bf16: bool,
+    modifiers: dict | None = None,
+) -> dict:
+    """What both sides are given (``run_side`` adds which side, its layout and its folder)."""
+    return {
+        "model": str(model_dir),
+        "pairs": str(pairs_file),
+        "batch_size": config.batch_size,
+        "max_length": config.max_length,
+        "objective": config.objective,
+        "beta": config.beta,
+        "learning_rate": config.learning_rate,
+        "seed": config.seed,
+        "threads": threads,
+        "bf16": bf16,
+        "modifiers": modifiers or {},
     }
 
 
@@ -347,19 +372,14 @@ def main(argv=None) -> int:
     accounting = {
         layout: batch_accounting(config, model_dir, pairs_file, layout, bf16=args.bf16) for layout in layouts
     }
-    common = {
-        "model": str(model_dir),
-        "pairs": str(pairs_file),
-        "batch_size": config.batch_size,
-        "max_length": config.max_length,
-        "objective": config.objective,
-        "beta": config.beta,
-        "learning_rate": config.learning_rate,
-        "seed": config.seed,
-        "threads": args.threads,
-        "bf16": args.bf16,
-        "modifiers": dict(MODIFIERS[m] for m in args.modifier),
-    }
+    common = side_spec(
+        config,
+        model_dir,
+        pairs_file,
+        threads=args.threads,
+        bf16=args.bf16,
+        modifiers=dict(MODIFIERS[m] for m in args.modifier),
+    )
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     print(f"{config.name}: {asdict(config)}\nload average before: {_load()}", flush=True)
     if _deepspeed_version():

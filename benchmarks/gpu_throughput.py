@@ -105,18 +105,9 @@ def run_throughput(work: Path, dry: bool, partial: Path, packing: str = "shared-
     model_dir, pairs_file, parameters = prepare_assets(config, work)
     steps = batch_accounting(config, model_dir, pairs_file, packing, bf16=True)
     measured = steps[config.warmup :]
-    common = {
-        "model": str(model_dir),
-        "pairs": str(pairs_file),
-        "batch_size": config.batch_size,
-        "max_length": config.max_length,
-        "objective": config.objective,
-        "beta": config.beta,
-        "learning_rate": config.learning_rate,
-        "seed": config.seed,
-        "threads": 1 if dry else min(8, os.cpu_count() or 1),
-        "bf16": True,
-    }
+    common = bench.side_spec(
+        config, model_dir, pairs_file, threads=1 if dry else min(8, os.cpu_count() or 1), bf16=True
+    )
     result = {
         "model": {
             **config.model,
