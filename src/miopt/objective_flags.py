@@ -1,7 +1,8 @@
 """Objective options from ``miopt train``'s flags, validated by the registry before anything loads.
 
 The dedicated flags (``--negatives``, ``--label-smoothing``, ``--simpo-gamma``, and TRL's
-``--use-weighting``, ``--ld-alpha``, ``--f-divergence-type``, ``--f-alpha-divergence-coef``, ``--discopop-tau``) and the generic
+``--use-weighting``, ``--ld-alpha``, ``--f-divergence-type``, ``--f-alpha-divergence-coef``,
+``--discopop-tau``) and the generic
 ``--objective-option KEY=VALUE`` are collected and checked by
 :func:`miopt.objectives.resolve_options` against the options each objective declares, so a new
 objective's options are validated without touching the commands.

@@ -31,6 +31,7 @@ from miopt.objectives import ld_combine
 from miopt.packing import make_batch
 
 ENTRY_FORMAT = 2  # part of the cache key: entries of another format are never read
+ENTRY_TENSORS = ("chosen", "rejected", "chosen_tail", "rejected_tail")
 
 
 def default_cache_dir() -> Path:
@@ -69,9 +70,6 @@ class ReferenceLogps:
         )
 
 
-ENTRY_TENSORS = ("chosen", "rejected", "chosen_tail", "rejected_tail")
-
-
 def cache_key(*parts: object) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:32]
 
@@ -90,8 +88,8 @@ def compute_reference_logps(
     packing: str = "padded",
 ) -> ReferenceLogps:
     """Summed response log-probs of every example under ``model`` (eval mode, no gradients), and their
-    LD-DPO tail sums, in the batch layout ``packing`` (:func:`miopt.packing.make_batch`; training passes its own, so the
-    critic is exactly zero at the first step).
+    LD-DPO tail sums, in the batch layout ``packing`` (:func:`miopt.packing.make_batch`; training
+    passes its own, so the critic is exactly zero at the first step).
 
     With an ``accelerator`` of several processes, each computes a contiguous share of the examples
     and the shares are gathered, so every process returns the whole result.

@@ -100,7 +100,8 @@ def with_wpo_weighting(objective: Objective) -> Objective:
 
 def ld_tail_logps(token_logps: Tensor, token_mask: Tensor, shared_lengths: Tensor) -> Tensor:
     """Per response, the summed log-prob of its tokens after the first ``n = shared_lengths`` (LD-DPO's
-    tail). ``token_logps`` and ``token_mask`` ``[N, L]`` (mask: response tokens, in order); returns ``[N]``."""
+    tail). ``token_logps`` and ``token_mask`` ``[N, L]`` (mask: response tokens, in order); returns
+    ``[N]``."""
     mask = token_mask.to(token_logps.dtype)
     position = torch.cumsum(mask, dim=-1)  # 1-based index of each response token
     tail = mask * (position > shared_lengths.unsqueeze(-1)).to(mask.dtype)
