@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 class MioptError(Exception):
-    """Base class: the CLI prints these as one line and exits non-zero."""
+    """Base class: the CLI prints these as one line and exits with ``exit_status``."""
+
+    exit_status: int = 2
 
 
 class DataError(MioptError):
@@ -24,6 +26,13 @@ class DataError(MioptError):
 
 class OptionError(MioptError):
     """A bad option value (unknown objective, missing model path, ...)."""
+
+
+class WriteError(MioptError):
+    """A file could not be written (full disk, quota, read-only or forbidden folder): the message names
+    the file, the space needed when known, and what was kept. Exit status 1: the input was fine."""
+
+    exit_status = 1
 
 
 def require(accepted: bool, flag: str, rule: str, value: object) -> None:

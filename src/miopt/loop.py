@@ -4,7 +4,8 @@ The loop knows nothing of objectives: it asks a step function for a loss and a d
 scalar metrics on a list of example indices, and owns everything around it: data order,
 gradient accumulation, clipping, AdamW with warmup and a linear or cosine schedule, mixed
 precision, the non-finite guard, and (through :mod:`miopt.checkpoint` and
-:mod:`miopt.metrics_sink`) atomic checkpoints, exact resume and ``metrics.jsonl``.
+:mod:`miopt.metrics_sink`) atomic checkpoints, exact resume and ``metrics.jsonl``. A SIGTERM or
+SIGINT stops it after the optimizer step under way, with a checkpoint (:mod:`miopt.preemption`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from torch import Tensor
 
 from miopt.checkpoint import (
     CHECKPOINT_PREFIX,
+    check_free_space,
+    checkpoint_bytes,
+    checkpoint_dir,
+    checkpoint_space,
+    kept_note,
     latest_checkpoint,
     read_state,
     remove_stale_temporaries,
@@ -39,6 +45,7 @@ from miopt.engine import (  # noqa: F401 - re-exported: jobs import the set-up f
 )
 from miopt.errors import MioptError, OptionError, require
 from miopt.metrics_sink import METRICS_FILE, MetricsSink  # noqa: F401 - METRICS_FILE re-exported
+from miopt.preemption import Preempted, StopSignals
 from miopt.run_folder import check_output_dir
 from miopt.trackers import check_trackers
 
@@ -371,7 +378,7 @@ def _newest_checkpoint_note(options: LoopOptions) -> str:
     return f"the newest checkpoint, {newest}, holds the last finite weights"
 
 
-def _save(options: LoopOptions, accelerator, model, step: int) -> None:
+def _save(options: LoopOptions, accelerator, model, step: int, expected_bytes: int | None) -> Path:
     """A checkpoint at ``step``, refused when the weights are no longer finite (so a good older one is
     never pruned for it)."""
     if not weights_finite(model, accelerator):
@@ -379,7 +386,30 @@ def _save(options: LoopOptions, accelerator, model, step: int) -> None:
             f"step {step}: the weights are no longer finite; checkpoint not written, "
             f"{_newest_checkpoint_note(options)}"
         )
-    save_checkpoint(accelerator, Path(options.output_dir), step, options.save_total_limit)
+    return save_checkpoint(
+        accelerator, Path(options.output_dir), step, options.save_total_limit, expected_bytes
+    )
+
+
+def _check_space(
+    options: LoopOptions, accelerator, output_dir: Path, checkpoint_estimate: int, final_estimate: int
+) -> None:
+    """Before the first step: room for the next checkpoint (with --save-steps) or else the final
+    weights, so a run never trains for hours towards a save that cannot fit."""
+    if options.save_steps:
+        needed, what = (
+            checkpoint_space(output_dir, checkpoint_estimate),
+            "a checkpoint (weights and optimizer)",
+        )
+    else:
+        needed, what = final_estimate, "the final model"
+    if needed:
+        _on_main(
+            accelerator,
+            lambda: check_free_space(
+                output_dir, needed, what, kept=f"nothing was trained; {kept_note(output_dir)}"
+            ),
+        )
 
 
 def run_loop(
@@ -415,11 +445,14 @@ def run_loop(
         num_examples, options.batch_size * world, options.seed, accelerator.process_index, world
     )
     total_steps = _total_steps(options, order)
+    estimate = checkpoint_bytes(model)  # of the model as given: prepare may shard or wrap it
+    final_estimate = checkpoint_bytes(model, optimizer=False)
     model, optimizer, scheduler = _set_up_optimizer(options, model, accelerator, total_steps)
     for state in (stateful or {}).values():
         accelerator.register_for_checkpointing(state)
     if accelerator.is_main_process:
         remove_stale_temporaries(output_dir, prefix=f".{CHECKPOINT_PREFIX}")
+    _check_space(options, accelerator, output_dir, estimate, final_estimate)
     resumed = _resume(options, accelerator, output_dir)
     start_step = resumed or 0
     if start_step > total_steps:
@@ -440,20 +473,30 @@ def run_loop(
     )
     window: list[dict[str, Tensor]] = []
     window_examples, window_start, started = 0, time.perf_counter(), time.perf_counter()
-    for step in range(start_step + 1, total_steps + 1):
-        rows, examples = run.accumulate(step, batches, step_fn, example_weights)
-        run.step(step, rows)
-        window += rows
-        window_examples += examples
-        progress.update(1)
-        if step % options.logging_steps == 0 or step == total_steps:
-            record = run.record(step, window, window_examples, time.perf_counter() - window_start)
-            window, window_examples, window_start = [], 0, time.perf_counter()
-            history.append(record)
-            progress.set_postfix(loss=f"{record['loss']:.4f}")
-            sink.write(record)
-        if options.save_steps and step % options.save_steps == 0 and step < total_steps:
-            _save(options, accelerator, run.model, step)
+    with StopSignals() as stop:
+        for step in range(start_step + 1, total_steps + 1):
+            rows, examples = run.accumulate(step, batches, step_fn, example_weights)
+            run.step(step, rows)
+            window += rows
+            window_examples += examples
+            progress.update(1)
+            if step % options.logging_steps == 0 or step == total_steps:
+                record = run.record(step, window, window_examples, time.perf_counter() - window_start)
+                window, window_examples, window_start = [], 0, time.perf_counter()
+                history.append(record)
+                progress.set_postfix(loss=f"{record['loss']:.4f}")
+                sink.write(record)
+            saved = options.save_steps and step % options.save_steps == 0 and step < total_steps
+            if saved:
+                _save(options, accelerator, run.model, step, estimate)
+            signum = stop.agreed(accelerator)
+            if signum:
+                checkpoint = checkpoint_dir(output_dir, step)
+                if not saved:
+                    checkpoint = _save(options, accelerator, run.model, step, estimate)
+                progress.close()
+                sink.close()
+                raise Preempted(signum, step, checkpoint, output_dir)
     progress.close()
     sink.close()
     if not weights_finite(run.model, accelerator):

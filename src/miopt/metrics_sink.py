@@ -2,7 +2,8 @@
 main process, the ``--report-to`` trackers (:mod:`miopt.trackers`), and the job's ``on_log`` callback).
 
 On resume the file keeps the rows of steps up to the checkpoint; a torn last line (a write cut by
-a full disk or a power loss) is dropped with a message instead of stopping the run.
+a power loss) is dropped with a message instead of stopping the run. A row that cannot be written
+(a full disk) is cut off again and the run stops with a WriteError naming the file.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from miopt.checkpoint import atomic_write_text
+from miopt.checkpoint import append_bytes, atomic_write_text, kept_note, on_every_rank, writing
 from miopt.errors import MioptError
 from miopt.trackers import finish_trackers, log_metrics, start_trackers
 
@@ -80,12 +81,22 @@ class MetricsSink:
         return rows
 
     def write(self, record: dict[str, float]) -> None:
+        # every process learns of a failed write, so none waits at the next step for the main one
+        on_every_rank(self.accelerator, lambda: self._append(record))
         if self.main_process:
-            with self.path.open("a", encoding="utf-8") as file:
-                file.write(json.dumps(record) + "\n")
             log_metrics(self.accelerator, record)
         if self.on_log is not None:
             self.on_log(record)
+
+    def _append(self, record: dict[str, float]) -> None:
+        if not self.main_process:
+            return
+
+        def kept() -> str:
+            return f"the file keeps its rows before step {record.get('step')}; {kept_note(self.output_dir)}"
+
+        with writing(self.path, kept=kept):
+            append_bytes(self.path, (json.dumps(record) + "\n").encode("utf-8"))
 
     def close(self) -> None:
         if self.trackers:

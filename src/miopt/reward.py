@@ -32,6 +32,7 @@ from miopt.data.tokenize import TokenizedExample, collate
 from miopt.errors import OptionError
 from miopt.loop import LoopOptions, check_loop_options, full_state_dict, make_accelerator, run_loop
 from miopt.objectives.bradley_terry import bradley_terry, pair_accuracy
+from miopt.preemption import stop_after
 
 BUILTIN = "builtin"
 
@@ -176,51 +177,55 @@ def train_reward(options: RewardOptions) -> dict[str, Any]:
     model = load_reward_model(options.model, tokenizer, dtype=options.dtype, seed=options.seed)
     accelerator = make_accelerator(options.bf16)
     started = time.perf_counter()
-    result = run_loop(
-        options,
-        model=model,
-        num_examples=len(train_examples),
-        step_fn=make_reward_step(train_examples, tokenizer.pad_token_id),
-        accelerator=accelerator,
-    )
-    accuracy, comparisons = float("nan"), 0
-    if heldout:
-        accuracy, comparisons = heldout_pair_accuracy(
-            model,
-            heldout,
-            tokenizer.pad_token_id,
-            batch_size=options.eval_batch_size,
-            autocast=accelerator.autocast,
+    # a signal during the held-out pass or the final save waits for them (the steps are done)
+    with stop_after(accelerator, options.output_dir):
+        result = run_loop(
+            options,
+            model=model,
+            num_examples=len(train_examples),
+            step_fn=make_reward_step(train_examples, tokenizer.pad_token_id),
+            accelerator=accelerator,
         )
-    state_dict = full_state_dict(accelerator, model)
-    summary: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        output_dir = Path(options.output_dir)
-        save_model(model, tokenizer, output_dir, state_dict=state_dict)
-        plot_training_curves(result.history, output_dir / "curves.png", title="reward model (Bradley-Terry)")
-        summary = {
-            "kind": "reward-model",
-            "steps": result.steps,
-            "resumed_from_step": result.resumed_from,
-            "train_records": len(train_examples),
-            "heldout_records": len(heldout),
-            "heldout_pairs": comparisons,
-            "heldout_pair_accuracy": accuracy if heldout else None,
-            "seconds": round(time.perf_counter() - started, 2),
-            "first": result.history[0] if result.history else {},
-            "final": result.history[-1] if result.history else {},
-            "data": options.data,
-            "skipped_records": load_report.skipped,
-            "truncated_records": token_report.truncated,
-            "options": dataclasses.asdict(options),
-        }
-        atomic_write_json(output_dir / "summary.json", summary)
+        accuracy, comparisons = float("nan"), 0
         if heldout:
-            print(
-                f"held-out pair accuracy {accuracy:.3f} ({comparisons} comparisons, {len(heldout)} records)",
-                file=sys.stderr,
+            accuracy, comparisons = heldout_pair_accuracy(
+                model,
+                heldout,
+                tokenizer.pad_token_id,
+                batch_size=options.eval_batch_size,
+                autocast=accelerator.autocast,
             )
-    accelerator.wait_for_everyone()
+        state_dict = full_state_dict(accelerator, model)
+        summary: dict[str, Any] = {}
+        if accelerator.is_main_process:
+            output_dir = Path(options.output_dir)
+            save_model(model, tokenizer, output_dir, state_dict=state_dict)
+            plot_training_curves(
+                result.history, output_dir / "curves.png", title="reward model (Bradley-Terry)"
+            )
+            summary = {
+                "kind": "reward-model",
+                "steps": result.steps,
+                "resumed_from_step": result.resumed_from,
+                "train_records": len(train_examples),
+                "heldout_records": len(heldout),
+                "heldout_pairs": comparisons,
+                "heldout_pair_accuracy": accuracy if heldout else None,
+                "seconds": round(time.perf_counter() - started, 2),
+                "first": result.history[0] if result.history else {},
+                "final": result.history[-1] if result.history else {},
+                "data": options.data,
+                "skipped_records": load_report.skipped,
+                "truncated_records": token_report.truncated,
+                "options": dataclasses.asdict(options),
+            }
+            atomic_write_json(output_dir / "summary.json", summary)
+            if heldout:
+                print(
+                    f"held-out pair accuracy {accuracy:.3f} ({comparisons} comparisons, {len(heldout)} records)",
+                    file=sys.stderr,
+                )
+        accelerator.wait_for_everyone()
     return summary
 
 

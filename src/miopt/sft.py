@@ -32,6 +32,7 @@ from miopt.modeling import unwrap
 from miopt.option_checks import check_model_options
 from miopt.packing import make_batch
 from miopt.plots import plot_training_curves
+from miopt.preemption import stop_after
 from miopt.run_folder import RunFolder
 from miopt.train import ModelOptions, apply_lora, load_examples, save_model
 
@@ -116,27 +117,28 @@ def sft_on_examples(
     )
     started = time.perf_counter()
     step = make_sft_step(examples, pad_token_id=tokenizer.pad_token_id, chunk_tokens=chunk_tokens)
-    result = run_loop(
-        options,
-        model=model,
-        num_examples=len(examples),
-        step_fn=step,
-        accelerator=accelerator,
-        example_weights=[completion_tokens(example) for example in examples],
-    )
-    state_dict = full_state_dict(accelerator, model) if save else None
-    output_dir = Path(options.output_dir)
-    summary = {
-        "steps": result.steps,
-        "examples": len(examples),
-        "seconds": round(time.perf_counter() - started, 2),
-        "final": result.history[-1] if result.history else {},
-        "options": dataclasses.asdict(options),
-    }
-    if save and accelerator.is_main_process:
-        save_model(model, tokenizer, output_dir, merge_lora=options.merge_lora, state_dict=state_dict)
-        plot_training_curves(result.history, output_dir / "curves.png", title="SFT")
-        atomic_write_json(output_dir / "summary.json", summary)
+    with stop_after(accelerator, options.output_dir):  # a signal during the final save waits for it
+        result = run_loop(
+            options,
+            model=model,
+            num_examples=len(examples),
+            step_fn=step,
+            accelerator=accelerator,
+            example_weights=[completion_tokens(example) for example in examples],
+        )
+        state_dict = full_state_dict(accelerator, model) if save else None
+        output_dir = Path(options.output_dir)
+        summary = {
+            "steps": result.steps,
+            "examples": len(examples),
+            "seconds": round(time.perf_counter() - started, 2),
+            "final": result.history[-1] if result.history else {},
+            "options": dataclasses.asdict(options),
+        }
+        if save and accelerator.is_main_process:
+            save_model(model, tokenizer, output_dir, merge_lora=options.merge_lora, state_dict=state_dict)
+            plot_training_curves(result.history, output_dir / "curves.png", title="SFT")
+            atomic_write_json(output_dir / "summary.json", summary)
     return summary
 
 

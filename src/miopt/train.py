@@ -22,7 +22,7 @@ import torch
 
 from miopt import models, objectives
 from miopt.attention import block_attention
-from miopt.checkpoint import atomic_directory, atomic_write_json, move_files_into
+from miopt.checkpoint import atomic_directory, atomic_write_json, kept_note, move_files_into, writing
 from miopt.config import option
 from miopt.data import load_preference_records
 from miopt.data.tokenize import TokenizedExample, fingerprint, tokenize_preferences
@@ -41,6 +41,7 @@ from miopt.objective_flags import given_objective_options, ld_alpha_of, objectiv
 from miopt.option_checks import check_model_options, check_preference_ranges
 from miopt.packing import PACKINGS
 from miopt.plots import plot_training_curves
+from miopt.preemption import stop_after
 from miopt.preference_step import PreferenceData, make_step_function
 from miopt.reference import (
     ENTRY_FORMAT,
@@ -239,19 +240,24 @@ def apply_lora(model, options: ModelOptions):
 def save_model(
     model, tokenizer, output_dir: str | Path, *, merge_lora: bool = False, state_dict=None
 ) -> None:
-    """``save_pretrained`` of model and tokenizer into ``output_dir``, each file replaced atomically.
+    """``save_pretrained`` of model and tokenizer into ``output_dir``, each file replaced atomically;
+    a failed write (a full disk) removes the partial files and raises WriteError.
 
     ``state_dict``: the full weights gathered from a sharded model (FSDP, ZeRO-3)."""
     model = unwrap(model)
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    temporary = atomic_directory(Path(output_dir) / "final-model")
-    if state_dict is not None:
-        model.save_pretrained(temporary, state_dict=state_dict)
-    else:
-        model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    move_files_into(temporary, Path(output_dir))
+    output_dir = Path(output_dir)
+    kept = f"the final model was not written; {kept_note(output_dir)}"
+    with writing(output_dir, kept=kept):
+        temporary = atomic_directory(output_dir / "final-model")
+    with writing(output_dir, kept=kept, remove=temporary):
+        if state_dict is not None:
+            model.save_pretrained(temporary, state_dict=state_dict)
+        else:
+            model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        move_files_into(temporary, output_dir)
 
 
 def reference_logps(
@@ -421,38 +427,40 @@ def train_on_examples(
     )
     monitor = ChosenDeclineMonitor(options.chosen_decline_warning, objective=options.objective)
     stateful = {"objective": objective} if hasattr(objective, "state_dict") else {}
-    with block_attention(model), block_attention(reference_model):
-        result = run_loop(
-            options,
-            model=model,
-            num_examples=len(examples),
-            step_fn=step,
-            stateful=stateful,
-            on_log=monitor if main else None,
-            accelerator=accelerator,
-        )
-    state_dict = full_state_dict(accelerator, model)
-    summary: dict[str, Any] = {}
-    if main:
-        output_dir = Path(options.output_dir)
-        save_model(model, tokenizer, output_dir, merge_lora=options.merge_lora, state_dict=state_dict)
-        plot_training_curves(
-            result.history, output_dir / "curves.png", title=f"{options.objective}, beta={options.beta}"
-        )
-        summary = {
-            "objective": options.objective,
-            "beta": options.beta,
-            "steps": result.steps,
-            "resumed_from_step": result.resumed_from,
-            "examples": len(examples),
-            "reference_cached": cached,
-            "seconds": round(time.perf_counter() - started, 2),
-            "first": result.history[0] if result.history else {},
-            "final": result.history[-1] if result.history else {},
-            "chosen_decline_warning_step": monitor.warned_at,
-            "options": dataclasses.asdict(options),
-            **(extra_summary or {}),
-        }
-        atomic_write_json(output_dir / "summary.json", summary)
-    accelerator.wait_for_everyone()
+    # a signal during the final save waits for it (the steps are done), then stops the run
+    with stop_after(accelerator, options.output_dir):
+        with block_attention(model), block_attention(reference_model):
+            result = run_loop(
+                options,
+                model=model,
+                num_examples=len(examples),
+                step_fn=step,
+                stateful=stateful,
+                on_log=monitor if main else None,
+                accelerator=accelerator,
+            )
+        state_dict = full_state_dict(accelerator, model)
+        summary: dict[str, Any] = {}
+        if main:
+            output_dir = Path(options.output_dir)
+            save_model(model, tokenizer, output_dir, merge_lora=options.merge_lora, state_dict=state_dict)
+            plot_training_curves(
+                result.history, output_dir / "curves.png", title=f"{options.objective}, beta={options.beta}"
+            )
+            summary = {
+                "objective": options.objective,
+                "beta": options.beta,
+                "steps": result.steps,
+                "resumed_from_step": result.resumed_from,
+                "examples": len(examples),
+                "reference_cached": cached,
+                "seconds": round(time.perf_counter() - started, 2),
+                "first": result.history[0] if result.history else {},
+                "final": result.history[-1] if result.history else {},
+                "chosen_decline_warning_step": monitor.warned_at,
+                "options": dataclasses.asdict(options),
+                **(extra_summary or {}),
+            }
+            atomic_write_json(output_dir / "summary.json", summary)
+        accelerator.wait_for_everyone()
     return summary
