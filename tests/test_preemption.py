@@ -94,9 +94,7 @@ def test_signals_are_deferred_then_ignored_then_abort_and_handlers_come_back():
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-def test_sigterm_finishes_the_step_checkpoints_exits_143_and_resume_is_identical(
-    full, monkeypatch, capsys
-):
+def test_sigterm_finishes_the_step_checkpoints_exits_143_and_resume_is_identical(full, monkeypatch, capsys):
     out = full.root / "sigterm"
     _signal_at_micro_step(monkeypatch, signal.SIGTERM, 5)  # first micro-step of step 3
     assert _train(full, out) == 143
@@ -214,3 +212,60 @@ def test_sigterm_to_a_real_process_then_resume_equals_uninterrupted(full, tmp_pa
     assert f"stopped by SIGTERM after step {stopped_at}" in err and "Traceback" not in err
     assert main(_args(full.model, full.data, out, *steps, *common, "--resume", "latest")) == 0
     _assert_identical(reference, out)
+
+
+WORKER = """
+import os, signal, sys
+import torch
+from miopt.loop import LoopOptions, run_loop
+from miopt.preemption import Preempted
+
+class Quadratic(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self):
+        return ((self.weight - 1.0) ** 2).sum()
+
+rank, calls = int(os.environ["RANK"]), {"n": 0}
+
+def step(model, indices):
+    calls["n"] += 1
+    if rank == 1 and calls["n"] == 3:  # only the second process is signalled, during step 3
+        os.kill(os.getpid(), signal.SIGTERM)
+    return model() * len(indices), {}
+
+options = LoopOptions(output_dir=sys.argv[1], max_steps=8, batch_size=1, learning_rate=0.1, progress=False)
+try:
+    run_loop(options, model=Quadratic(), num_examples=8, step_fn=step)
+except Preempted as stop:
+    print(f"rank {rank}: stopped after step {stop.step}, exit {stop.exit_status}", flush=True)
+    sys.exit(stop.exit_status)
+"""
+
+
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available",
+)
+def test_a_signal_to_one_of_two_processes_stops_both_after_the_same_step(tmp_path):
+    from tests.test_distributed import ACCELERATE_CONFIGS, _free_port
+
+    script, out = tmp_path / "worker.py", tmp_path / "run"
+    script.write_text(WORKER)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / "ddp.yaml"),
+        "--num_processes", "2", "--main_process_port", str(_free_port()), str(script), str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "rank 0: stopped after step 3, exit 143" in done.stdout, done.stderr[-3000:]
+    assert "rank 1: stopped after step 3, exit 143" in done.stdout
+    assert _checkpoints(out) == ["checkpoint-0000003"]
+    assert {p.name for p in (out / "checkpoint-0000003").glob("random_states_*.pkl")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
+    assert checkpoint_problem(out / "checkpoint-0000003") is None

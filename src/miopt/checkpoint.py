@@ -51,6 +51,9 @@ _TORCH_WRITE_FAILURE = re.compile(
     r"inline_container\.cc|PytorchStreamWriter failed writing|file write failed"
 )
 _OS_ERROR_CODE = re.compile(r"os error (\d+)")
+_SPACE_PROBLEMS = frozenset(
+    os.strerror(code) for code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+)
 
 
 def format_bytes(count: float) -> str:
@@ -135,10 +138,10 @@ def writing(
         where = str(target)
         if failed is not None and Path(failed).name not in where:
             where += f" ({Path(failed).name})"
-        sizes = []
-        if needed:
+        sizes = []  # only where space is the problem (not for a read-only or forbidden folder)
+        if problem in _SPACE_PROBLEMS and needed:
             sizes.append(f"needs about {format_bytes(needed)}")
-        if free is not None:
+        if problem in _SPACE_PROBLEMS and free is not None:
             sizes.append(f"{format_bytes(free)} free")
         size_note = f" ({', '.join(sizes)})" if sizes else ""
         note = kept() if callable(kept) else kept
@@ -446,11 +449,12 @@ def checkpoint_space(output_dir: str | Path, estimate: int | None) -> int | None
 def kept_note(output_dir: str | Path) -> str:
     """What a failed write left for the user: the newest checkpoint and the files written before."""
     newest = latest_checkpoint(output_dir)
-    where = f"the newest checkpoint, {newest}," if newest else "no checkpoint yet; the files"
-    return (
-        f"{where} and everything written before are unchanged; free some space (or use another "
-        "--output-dir), then continue with --resume latest"
+    where = (
+        f"the newest checkpoint, {newest}, and everything written before are unchanged"
+        if newest
+        else "no checkpoint was written yet; everything written before is unchanged"
     )
+    return f"{where}; continue with --resume latest once {output_dir} can be written again"
 
 
 def save_checkpoint(
