@@ -24,6 +24,7 @@ COMMANDS = {
     "online": "miopt.commands.online",
     "compare": "miopt.commands.compare",
     "reward": "miopt.commands.reward",
+    "fetch": "miopt.commands.fetch",
 }
 
 

@@ -4,7 +4,10 @@ Every model goes through ``AutoModelForCausalLM.from_pretrained(path_or_id)``; t
 ``builtin`` means the embedded tiny model of :mod:`miopt.builtin` (freshly initialised), and
 ``builtin:arith`` the shipped start: that model trained on the built-in arithmetic task, a Hugging
 Face folder inside the package (``miopt/assets/arith-start``, recipe in docs/experiments.md).
-:func:`resolve_model` turns such names into what ``from_pretrained`` takes; every command calls it.
+A ``.gguf`` file (``PATH/TO/FILE.gguf``, or ``owner/repo/FILE.gguf`` on the hub) is converted once to
+a safetensors folder in the cache (:mod:`miopt.gguf`) and loaded from there. :func:`resolve_model`
+turns such names into what ``from_pretrained`` takes; every command calls it, and
+:func:`check_model_source` checks a name before any data or model is loaded.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import re
 from pathlib import Path
 
+from miopt import gguf
 from miopt.errors import OptionError
 
 BUILTIN = "builtin"
@@ -36,8 +40,27 @@ def shipped_model_dir(name: str = BUILTIN_ARITH) -> Path:
 
 
 def resolve_model(path_or_id: str) -> str:
-    """``builtin:arith`` (any name of ``SHIPPED_MODELS``) -> its package folder; others unchanged."""
-    return str(shipped_model_dir(path_or_id)) if path_or_id in SHIPPED_MODELS else path_or_id
+    """``builtin:arith`` (any name of ``SHIPPED_MODELS``) -> its package folder; a ``.gguf`` file -> its
+    converted safetensors folder (converted on first use); others unchanged."""
+    if path_or_id in SHIPPED_MODELS:
+        return str(shipped_model_dir(path_or_id))
+    if gguf.is_gguf(path_or_id):
+        return str(gguf.to_folder(path_or_id))
+    return path_or_id
+
+
+def check_model_source(path_or_id: str | None) -> None:
+    """Fail fast, before any data or model is loaded, on a model name that cannot load: a missing
+    local path, a shipped name that is not in the package, a GGUF file that is not one (or the
+    ``gguf`` package missing)."""
+    if not path_or_id:
+        return
+    if path_or_id in SHIPPED_MODELS:
+        shipped_model_dir(path_or_id)
+    elif gguf.is_gguf(path_or_id):
+        gguf.check(path_or_id)
+    else:
+        _check_exists(path_or_id)
 
 
 def _check_exists(path_or_id: str) -> None:
@@ -133,8 +156,10 @@ def load_model(
 
 
 def model_fingerprint(path_or_id: str, seed: int = 0) -> str:
-    """Identifies a model's weights for caches: the built-in seed, or the local folder's config and
-    weight files (name, size, modification time), or the hub id."""
+    """Identifies a model's weights for caches: the built-in seed, a GGUF file's path, size and time,
+    or the local folder's config and weight files (name, size, modification time), or the hub id."""
+    if gguf.is_gguf(path_or_id):
+        return gguf.fingerprint(path_or_id)
     path_or_id = resolve_model(path_or_id)
     digest = hashlib.sha256()
     path = Path(path_or_id)

@@ -54,7 +54,7 @@ class OnlineOptions(TrainOptions):
 
     model: str | None = option(
         None,
-        "Starting policy: a Hugging Face causal-LM folder or hub id, or 'builtin' (untrained). "
+        "Starting policy: a Hugging Face causal-LM folder or hub id, a .gguf file, or 'builtin' (untrained). "
         "With --data arithmetic and no --model: the shipped start builtin:arith (as miopt train's default).",
     )
     data: str | None = option(

@@ -8,13 +8,17 @@ from __future__ import annotations
 from typing import Any
 
 from miopt.errors import require
+from miopt.models import check_model_source
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def check_model_options(options: Any) -> None:
-    """``ModelOptions``: dtype, truncation, LoRA and log-prob chunk."""
+    """``ModelOptions``: the model names (they exist; a GGUF file is one), dtype, truncation, LoRA and
+    log-prob chunk."""
     o = options
+    check_model_source(o.model)
+    check_model_source(getattr(o, "ref_model", None))
     require(o.dtype is None or o.dtype in DTYPES, "--dtype", f"one of {', '.join(DTYPES)}", o.dtype)
     require(o.max_length >= 2, "--max-length", ">= 2", o.max_length)
     if o.max_prompt_length is not None:

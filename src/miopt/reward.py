@@ -31,6 +31,7 @@ from miopt.config import option
 from miopt.data.tokenize import TokenizedExample, collate
 from miopt.errors import OptionError
 from miopt.loop import LoopOptions, check_loop_options, full_state_dict, make_accelerator, run_loop
+from miopt.models import check_model_source
 from miopt.objectives.bradley_terry import bradley_terry, pair_accuracy
 from miopt.preemption import stop_after
 
@@ -42,7 +43,8 @@ class RewardOptions(LoopOptions):
     """Options of ``miopt reward``."""
 
     model: str | None = option(
-        None, "Base model: a Hugging Face folder or hub id, or 'builtin' (the tiny embedded Llama)."
+        None,
+        "Base model: a Hugging Face folder or hub id, a .gguf file, or 'builtin' (the tiny embedded Llama).",
     )
     data: str | None = option(
         None, "Preference data (the formats of miopt train): JSONL/JSON/Parquet/CSV, folder or hub id."
@@ -63,7 +65,8 @@ def check_reward_options(options: RewardOptions) -> None:
     """Fail fast on values no run can use (before anything is loaded or written)."""
     check_loop_options(options)
     if not options.model:
-        raise OptionError("--model is required (a model folder, hub id, or 'builtin')")
+        raise OptionError("--model is required (a model folder, hub id, .gguf file, or 'builtin')")
+    check_model_source(options.model)
     if not options.data:
         raise OptionError("--data is required (preference data in a miopt train format)")
     if not 0 <= options.eval_fraction < 1:

@@ -62,8 +62,9 @@ class ModelOptions:
     model: str | None = option(
         None,
         "Policy: any Hugging Face causal-LM folder or hub id; 'builtin' = the tiny embedded model "
-        "(fresh), 'builtin:arith' = it trained on the built-in arithmetic task (shipped). With neither "
-        "--model nor --data, the embedded default run.",
+        "(fresh), 'builtin:arith' = it trained on the built-in arithmetic task (shipped); a GGUF file "
+        "(PATH/FILE.gguf, or owner/repo/FILE.gguf on the hub; needs the gguf extra) is converted once to a "
+        "safetensors folder. With neither --model nor --data, the embedded default run.",
     )
     dtype: str | None = option(
         None, "Load weights in this dtype (float32, bfloat16, float16); default: as saved."

@@ -16,12 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from miopt.compare import PLOTS, TABLE_JSON, TABLE_MD, CompareOptions, format_table, run_compare
+    from miopt.compare import PLOTS, TABLE_JSON, TABLE_MD, CompareOptions, run_compare, summary_table
     from miopt.config import resolve
 
     options = resolve(CompareOptions, args)
     table = run_compare(options)
-    print(format_table(table["rows"]))
+    print(summary_table(table))
     files = ", ".join([TABLE_MD, TABLE_JSON, *PLOTS.values()])
     print(f"wrote {files} and runs/ to {options.output_dir} (total {table['total_seconds']:.0f} s)")
     return 0

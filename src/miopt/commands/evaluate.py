@@ -21,7 +21,8 @@ class EvalOptions:
     model: str = option(
         "",
         "Model folder (AutoModelForCausalLM / AutoTokenizer), 'builtin' (untrained; smoke tests) or "
-        "'builtin:arith' (the shipped start trained on the built-in arithmetic task).",
+        "'builtin:arith' (the shipped start trained on the built-in arithmetic task), or a GGUF file "
+        "(PATH/FILE.gguf or owner/repo/FILE.gguf; needs the gguf extra).",
     )
     data: str = option(
         "", "JSONL file (GSM8K, MATH, multiple-choice or generic format; docs/evaluation.md) or 'arithmetic'."
@@ -76,9 +77,11 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto") -> tuple
 def check_eval_options(options: EvalOptions) -> None:
     """Range checks of the numeric options and the output folder, before anything is loaded."""
     from miopt.errors import require
+    from miopt.models import check_model_source
     from miopt.run_folder import check_output_dir
 
     o = options
+    check_model_source(o.model)
     require(o.max_new_tokens >= 1, "--max-new-tokens", ">= 1", o.max_new_tokens)
     require(o.batch_size >= 1, "--batch-size", ">= 1", o.batch_size)
     require(o.temperature >= 0, "--temperature", ">= 0 (0: greedy)", o.temperature)

@@ -31,23 +31,28 @@ Presets (small frozen dataclasses; tests inject smaller ones):
 
 from miopt.compare.options import (
     DEFAULT_OBJECTIVES,
+    PRESETS,
     CompareOptions,
     check_compare_options,
     preset_from_options,
 )
 from miopt.compare.plots import PLOTS, plot_quantity
-from miopt.compare.presets import PRESETS, ArithPreset, Gsm8kPreset, Prepared
+from miopt.compare.presets import ArithPreset, Gsm8kPreset, Prepared
 from miopt.compare.runs import curve_summary, pair_metrics, run_compare, run_key, run_one
+from miopt.compare.smollm2 import PlateauSFT, SmolLM2ArithPreset
 from miopt.compare.table import (
     COLUMNS,
     RESULT_FILE,
     RUNS_DIR,
+    SAMPLING_COLUMNS,
     SFT_CONTROL,
     TABLE_JSON,
     TABLE_MD,
     aggregate,
+    columns_for,
     format_table,
     mean_std,
+    summary_table,
 )
 
 __all__ = [
@@ -63,11 +68,16 @@ __all__ = [
     "ArithPreset",
     "CompareOptions",
     "Gsm8kPreset",
+    "PlateauSFT",
     "Prepared",
+    "SmolLM2ArithPreset",
     "aggregate",
     "check_compare_options",
     "curve_summary",
+    "SAMPLING_COLUMNS",
+    "columns_for",
     "format_table",
+    "summary_table",
     "mean_std",
     "pair_metrics",
     "plot_quantity",

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from miopt.compare.presets import PRESETS, ArithPreset, Gsm8kPreset
+from miopt.compare.presets import ArithPreset, Gsm8kPreset
+from miopt.compare.smollm2 import PlateauSFT, SmolLM2ArithPreset
 from miopt.config import option
 from miopt.errors import OptionError
 from miopt.gsm8k_model import Gsm8kSFTSettings
 
 DEFAULT_OBJECTIVES = ("dpo", "mio")
+PRESETS: dict[str, type] = {"arith": ArithPreset, "gsm8k": Gsm8kPreset, "smollm2-arith": SmolLM2ArithPreset}
 
 
 @dataclass
@@ -19,10 +21,22 @@ class CompareOptions:
 
     output_dir: str = option("", "Folder for table.md, table.json, the plots and runs/<objective>-seed<S>/.")
     preset: str = option(
-        "arith", "Task, SFT start and pairs: 'arith' (built-in) or 'gsm8k'.", choices=sorted(PRESETS)
+        "arith",
+        "Task, SFT start and pairs: 'arith' (built-in model and task), 'gsm8k' (a small model trained "
+        "here on GSM8K), or 'smollm2-arith' (the real SmolLM2-135M-Instruct, SFT to its plateau on a "
+        "harder arithmetic task, pairs from its own samples; README 'A real model').",
+        choices=sorted(PRESETS),
     )
-    objectives: list[str] = option(
-        list(DEFAULT_OBJECTIVES), "Objectives to train (registry names, or 'sft': the continued-SFT control)."
+    model: str | None = option(
+        None,
+        "Start model of --preset smollm2-arith or arith (a folder, hub id such as "
+        "HuggingFaceTB/SmolLM2-135M-Instruct, or .gguf file); default: the preset's (smollm2-arith: "
+        "the file of 'miopt fetch smollm2', fetched when missing).",
+    )
+    objectives: list[str] | None = option(
+        None,
+        "Objectives to train (registry names, or 'sft': the continued-SFT control); None: the preset's "
+        "(arith, gsm8k: dpo mio; smollm2-arith: mio dpo dpop cal_dpo sft).",
     )
     seeds: int | None = option(
         None, "Number of seeds 0..S-1 (a seed changes the data order only); None: the preset's (3)."
@@ -32,7 +46,9 @@ class CompareOptions:
     beta: float | None = option(None, "Override the preset's beta (all objectives).")
     batch_size: int | None = option(None, "Override the preset's batch size (all objectives).")
     sft_steps: int | None = option(
-        None, "Override the SFT start's steps (gsm8k preset; arith uses the shipped start)."
+        None,
+        "Override the SFT start's steps (gsm8k); smollm2-arith: the most SFT steps of its plateau search; "
+        "arith uses the shipped start.",
     )
     eval_limit: int | None = option(None, "Evaluate at most this many held-out problems; None: all.")
     data_dir: str = option(
@@ -48,11 +64,11 @@ def check_compare_options(options: CompareOptions) -> None:
 
     if not options.output_dir:
         raise OptionError("give --output-dir")
-    if not options.objectives:
+    if options.objectives is not None and not options.objectives:
         raise OptionError("--objectives needs at least one name")
-    if len(set(options.objectives)) != len(options.objectives):
+    if options.objectives and len(set(options.objectives)) != len(options.objectives):
         raise OptionError(f"--objectives repeats a name: {' '.join(options.objectives)}")
-    for name in options.objectives:  # registry names, TRL names and NAME:WEIGHT,... combinations
+    for name in options.objectives or ():  # registry names, TRL names and NAME:WEIGHT,... combinations
         try:
             objectives.parse_spec(name)
         except ValueError as error:
@@ -71,6 +87,12 @@ def check_compare_options(options: CompareOptions) -> None:
         raise OptionError("--sft-steps applies to --preset gsm8k; --preset arith uses the shipped start")
     if options.threads < 0:
         raise OptionError("--threads must be >= 0")
+    if options.model and options.preset == "gsm8k":
+        raise OptionError("--model applies to --preset smollm2-arith and arith; gsm8k trains its own start")
+    if options.model:
+        from miopt.models import check_model_source
+
+        check_model_source(options.model)
 
 
 def preset_from_options(options: CompareOptions):
@@ -81,7 +103,17 @@ def preset_from_options(options: CompareOptions):
         if getattr(options, name) is not None
     )
     if options.preset == "arith":
-        return ArithPreset(overrides=overrides, eval_limit=options.eval_limit)
+        start = {"start_model": options.model} if options.model else {}
+        return ArithPreset(overrides=overrides, eval_limit=options.eval_limit, **start)
+    if options.preset == "smollm2-arith":
+        sft = PlateauSFT()
+        if options.sft_steps:
+            segments = max(1, -(-options.sft_steps // sft.segment_steps))
+            sft = dataclasses.replace(
+                sft, max_segments=segments, min_segments=min(sft.min_segments, segments)
+            )
+        limit = {"eval_limit": options.eval_limit} if options.eval_limit else {}
+        return SmolLM2ArithPreset(start_model=options.model, sft=sft, overrides=overrides, **limit)
     sft = Gsm8kSFTSettings()
     if options.sft_steps:
         sft = dataclasses.replace(sft, sft_steps=options.sft_steps)

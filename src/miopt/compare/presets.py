@@ -27,6 +27,7 @@ class Prepared:
     evaluate: Callable[[Any], float]
     preference: dict[str, Any]  # TrainOptions fields shared by every run
     info: dict[str, Any]  # counts and descriptions, for table.json
+    sample: Callable[[Any], dict[str, float]] | None = None  # pass@1 / pass@k of a model, if measured
 
 
 def _apply(options: dict[str, Any], overrides: Sequence[tuple[str, Any]]) -> dict[str, Any]:
@@ -41,6 +42,7 @@ class ArithPreset:
     its preference prompts, held-out problems and preference settings."""
 
     name: ClassVar[str] = "arith"
+    objectives: ClassVar[tuple[str, ...]] = ("dpo", "mio")
     task: DefaultTask = DefaultTask()
     start_model: str = "builtin:arith"
     seeds: int = 3
@@ -98,6 +100,7 @@ class Gsm8kPreset:
     """``--preset gsm8k``: ``miopt data gsm8k-pairs`` pairs; SFT start trained here from scratch."""
 
     name: ClassVar[str] = "gsm8k"
+    objectives: ClassVar[tuple[str, ...]] = ("dpo", "mio")
     data_dir: str = "../shared/data/gsm8k"
     sft: Gsm8kSFTSettings = Gsm8kSFTSettings()
     heldout_fraction: float = 0.2
@@ -178,6 +181,3 @@ class Gsm8kPreset:
                 "sft": dataclasses.asdict(sft_settings),
             },
         )
-
-
-PRESETS: dict[str, type] = {"arith": ArithPreset, "gsm8k": Gsm8kPreset}

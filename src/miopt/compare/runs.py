@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -12,18 +14,24 @@ from typing import Any
 
 import torch
 
-from miopt.checkpoint import atomic_write_json
-from miopt.compare.options import CompareOptions, check_compare_options, preset_from_options
+from miopt.checkpoint import atomic_write_json, list_checkpoints
+from miopt.compare.options import (
+    DEFAULT_OBJECTIVES,
+    CompareOptions,
+    check_compare_options,
+    preset_from_options,
+)
 from miopt.compare.plots import PLOTS, plot_quantity
 from miopt.compare.presets import Prepared
 from miopt.compare.table import (
-    COLUMNS,
     CURVE_KEYS,
     RESULT_FILE,
     RUNS_DIR,
+    START_FILE,
     TABLE_JSON,
     TABLE_MD,
     aggregate,
+    columns_for,
     finite_json,
     machine_info,
     write_markdown,
@@ -93,12 +101,15 @@ def run_one(
     *,
     key: str,
     progress: bool,
+    resume: bool = True,
 ) -> dict[str, Any]:
-    """Train one objective with one seed from a freshly loaded SFT start; evaluate; write the result."""
+    """Train one objective with one seed from a freshly loaded SFT start; evaluate; write the result.
+    ``resume``: a run stopped part-way (preempted, killed) continues from its newest checkpoint."""
     from miopt.models import load_model
     from miopt.train import TrainOptions, train_on_examples
 
     started = time.perf_counter()
+    resuming = resume and run_dir.is_dir() and bool(list_checkpoints(run_dir))
     options = TrainOptions(
         **prepared.preference,
         objective=objective,
@@ -106,6 +117,7 @@ def run_one(
         output_dir=str(run_dir),
         model=str(prepared.sft_dir),
         progress=progress,
+        resume="latest" if resuming else None,
     )
     model = load_model(str(prepared.sft_dir))
     train_on_examples(
@@ -118,12 +130,30 @@ def run_one(
         "seed": seed,
         "key": key,
         "final_accuracy": final_accuracy,
+        **(prepared.sample(model) if prepared.sample else {}),
         **pair_metrics(model, prepared.tokenizer, prepared.heldout_pairs, heldout_reference),
         **curve_summary(history),
         "seconds": round(time.perf_counter() - started, 1),
     }
     atomic_write_json(run_dir / RESULT_FILE, result)
+    for checkpoint in list_checkpoints(run_dir):  # the run is complete: its resume points are not needed
+        shutil.rmtree(checkpoint, ignore_errors=True)
     return result
+
+
+def evaluate_start(prepared: Prepared, preset, output_dir: Path) -> tuple[dict[str, float], Any]:
+    """The SFT start's accuracy (and pass@k where the preset samples), and the start model; kept in
+    ``START_FILE`` and reused by a later invocation on the same start and preset."""
+    from miopt.models import load_model
+
+    key = run_key(preset, "start", 0, prepared.preference, prepared.sft_dir)
+    path = output_dir / START_FILE
+    model = load_model(str(prepared.sft_dir))
+    if path.is_file() and (previous := json.loads(path.read_text())).get("key") == key:
+        return previous["start"], model
+    start = {"accuracy": prepared.evaluate(model), **(prepared.sample(model) if prepared.sample else {})}
+    atomic_write_json(path, {"key": key, "start": start})
+    return start, model
 
 
 def run_compare(options: CompareOptions, preset=None) -> dict[str, Any]:
@@ -133,14 +163,15 @@ def run_compare(options: CompareOptions, preset=None) -> dict[str, Any]:
     threads = torch.get_num_threads()
     if options.threads:
         torch.set_num_threads(options.threads)
+    preset = preset if preset is not None else preset_from_options(options)
+    objectives = list(options.objectives or getattr(preset, "objectives", DEFAULT_OBJECTIVES))
     try:
-        return _run_compare(options, preset if preset is not None else preset_from_options(options))
+        return _run_compare(dataclasses.replace(options, objectives=objectives), preset)
     finally:
         torch.set_num_threads(threads)
 
 
 def _run_compare(options: CompareOptions, preset) -> dict[str, Any]:
-    from miopt.models import load_model
     from miopt.reference import compute_reference_logps
 
     output_dir = Path(options.output_dir)
@@ -149,8 +180,8 @@ def _run_compare(options: CompareOptions, preset) -> dict[str, Any]:
     prepared = preset.prepare(output_dir, options.progress)
     if not prepared.examples:
         raise OptionError("no preference pairs: the SFT start left nothing to contrast")
-    sft_model = load_model(str(prepared.sft_dir))
-    sft_accuracy = prepared.evaluate(sft_model)
+    start, sft_model = evaluate_start(prepared, preset, output_dir)
+    sft_accuracy = start["accuracy"]
     heldout_reference = (
         compute_reference_logps(
             sft_model, prepared.heldout_pairs, prepared.tokenizer.pad_token_id, batch_size=64, progress=False
@@ -189,7 +220,14 @@ def _run_compare(options: CompareOptions, preset) -> dict[str, Any]:
             eta = f"; about {(time.perf_counter() - run_started) / trained * left / 60:.0f} min left"
         print(f"[compare] run {index}/{len(plan)}: {objective}, seed {seed}{eta}", file=sys.stderr)
         result = run_one(
-            prepared, heldout_reference, objective, seed, run_dir, key=key, progress=options.progress
+            prepared,
+            heldout_reference,
+            objective,
+            seed,
+            run_dir,
+            key=key,
+            progress=options.progress,
+            resume=not options.rerun,
         )
         trained += 1
         print(
@@ -201,8 +239,9 @@ def _run_compare(options: CompareOptions, preset) -> dict[str, Any]:
         )
         results.append({**result, "sft_accuracy": sft_accuracy})
 
-    rows = aggregate(results, options.objectives, sft_accuracy)
+    rows = aggregate(results, options.objectives, sft_accuracy, prepared.info.get("heldout_problems"))
     table = {
+        "start": start,
         "settings": {
             "preset": preset.name,
             "preset_repr": repr(preset),
@@ -215,7 +254,7 @@ def _run_compare(options: CompareOptions, preset) -> dict[str, Any]:
         "info": prepared.info,
         "columns": [
             {"key": key, "header": header, "format": kind, "meaning": meaning}
-            for key, header, kind, meaning in COLUMNS
+            for key, header, kind, meaning in columns_for(results)
         ],
         "rows": rows,
         "runs": [{k: v for k, v in r.items() if k != "curves"} for r in results],

@@ -13,10 +13,12 @@ from typing import Any
 import torch
 
 from miopt.checkpoint import atomic_write_text
+from miopt.evaluation.metrics import wilson_interval
 
 SFT_CONTROL = "sft"
 RUNS_DIR = "runs"
 RESULT_FILE = "compare_result.json"
+START_FILE = "start_result.json"
 TABLE_MD = "table.md"
 TABLE_JSON = "table.json"
 # Per-objective columns of table.md / table.json: (key, header, format, meaning).
@@ -73,6 +75,11 @@ COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     ),
     ("seconds", "s / run", "seconds", "wall time of the run (training and evaluation)"),
 )
+# Present where the preset samples (``Prepared.sample``): pass@k of Chen et al. (2021), eq. 1.
+SAMPLING_COLUMNS: tuple[tuple[str, str, str, str], ...] = (
+    ("pass_at_1", "pass@1", "percent", "pass@1 from k samples at temperature 1 (held-out problems)"),
+    ("pass_at_k", "pass@k", "percent", "pass@k: a problem counts if any of its k samples is correct"),
+)
 CURVE_KEYS = ("logps/chosen_change", "logps/rejected_change", "rewards/accuracies", "rewards/margins", "loss")
 
 
@@ -83,16 +90,32 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": std}
 
 
+def columns_for(results: Sequence[dict[str, Any]]) -> tuple[tuple[str, str, str, str], ...]:
+    """:data:`COLUMNS`, and :data:`SAMPLING_COLUMNS` where every run measured them."""
+    sampled = bool(results) and all("pass_at_1" in result for result in results)
+    return COLUMNS + (SAMPLING_COLUMNS if sampled else ())
+
+
 def aggregate(
-    results: Sequence[dict[str, Any]], objectives: Sequence[str], sft_accuracy: float
+    results: Sequence[dict[str, Any]],
+    objectives: Sequence[str],
+    sft_accuracy: float,
+    heldout_problems: int | None = None,
 ) -> list[dict]:
+    """One row per objective: mean and std over seeds of every column; with ``heldout_problems``, the
+    Wilson 95% interval of the held-out accuracy over the problems of all seeds pooled."""
     rows = []
     for objective in objectives:
         runs = [r for r in results if r["objective"] == objective]
         row: dict[str, Any] = {"objective": objective, "seeds": [r["seed"] for r in runs]}
-        for key, *_ in COLUMNS:
+        for key, *_ in columns_for(results):
             values = [sft_accuracy] * len(runs) if key == "sft_accuracy" else [r[key] for r in runs]
             row[key] = mean_std(values)
+        if heldout_problems and runs:
+            total = heldout_problems * len(runs)
+            row["final_accuracy_ci95"] = list(
+                wilson_interval(round(row["final_accuracy"]["mean"] * total), total)
+            )
         rows.append(row)
     return rows
 
@@ -111,13 +134,52 @@ def _cell(stat: dict[str, float], kind: str, n: int) -> str:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    header = ["objective", "seeds", *[column[1] for column in COLUMNS]]
+    columns = [column for column in COLUMNS + SAMPLING_COLUMNS if rows and column[0] in rows[0]]
+    header = ["objective", "seeds", *[column[1] for column in columns]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         n = len(row["seeds"])
-        cells = [row["objective"], str(n)] + [_cell(row[key], kind, n) for key, _, kind, _ in COLUMNS]
+        cells = [row["objective"], str(n)] + [_cell(row[key], kind, n) for key, _, kind, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def _interval(bounds: Sequence[float] | None) -> str:
+    return f"[{100 * bounds[0]:.1f}%, {100 * bounds[1]:.1f}%]" if bounds else ""
+
+
+def summary_table(table: dict[str, Any]) -> str:
+    """The headline: held-out accuracy with its 95% interval, pass@1 / pass@k where measured, and the
+    log-prob changes, for the start and each objective (mean over seeds)."""
+    start, rows = table.get("start") or {}, table["rows"]
+    n = table["info"].get("heldout_problems")
+    seeds = len(table["settings"]["seeds"])
+    sampled = "pass_at_1" in start
+    k = start.get("pass_k", "k")
+    head = f"{'':9}{'accuracy':>9}  {'95% interval':<16}"
+    head += f"{'pass@1':>8}{f'pass@{k}':>8}" if sampled else ""
+    head += f"{'chosen':>8}{'rejected':>9}"
+    start_interval = wilson_interval(round(start["accuracy"] * n), n) if n and start else None
+    lines = [head, f"{'start':9}{_percent(start.get('accuracy')):>9}  {_interval(start_interval):<16}"]
+    if sampled:
+        lines[-1] += f"{_percent(start['pass_at_1']):>8}{_percent(start['pass_at_k']):>8}"
+    for row in rows:
+        line = f"{row['objective']:9}{_percent(row['final_accuracy']['mean']):>9}  "
+        line += f"{_interval(row.get('final_accuracy_ci95')):<16}"
+        if sampled and "pass_at_1" in row:
+            line += f"{_percent(row['pass_at_1']['mean']):>8}{_percent(row['pass_at_k']['mean']):>8}"
+        line += f"{row['chosen_change']['mean']:>+8.2f}{row['rejected_change']['mean']:>+9.2f}"
+        lines.append(line)
+    caption = (
+        f"held-out accuracy ({n} problems, greedy; 95% Wilson interval, {seeds} seed(s) pooled)"
+        + (f"; pass@1 and pass@{k} from {k} samples at temperature 1" if sampled else "")
+        + "; chosen / rejected: log-prob change from the start (train, last logging window, nats)"
+    )
+    return caption + "\n" + "\n".join(lines)
 
 
 def machine_info() -> dict[str, Any]:
@@ -148,9 +210,15 @@ def write_markdown(path: Path, table: dict[str, Any]) -> None:
         f"{shared}. Values: mean ± sample std over seeds; Δ = log pi - log pi_ref (summed over the "
         "response, nats).",
         "",
+        "```",
+        summary_table(table),
+        "```",
+        "",
         format_table(table["rows"]),
         "",
-        "Columns: " + "; ".join(f"*{header}*: {meaning}" for _, header, _, meaning in COLUMNS) + ".",
+        "Columns: "
+        + "; ".join(f"*{header}*: {meaning}" for _, header, _, meaning in COLUMNS + SAMPLING_COLUMNS)
+        + ".",
         "",
         f"Machine: {table['machine']['processor']}, {table['machine']['cpu_count']} CPUs, torch "
         f"{table['machine']['torch']} ({table['machine']['torch_threads']} threads), transformers "

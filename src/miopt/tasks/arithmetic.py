@@ -2,7 +2,8 @@
 
 Problems ``Q: a+b-c(+d)=?`` with operands 1-99 and no negative intermediate result; the worked
 solution writes one step per operation and ends ``A: <answer>`` (``a+b=x. x-c=y. A: y``). Generation
-is deterministic by seed; the train and held-out splits never share a question.
+is deterministic by seed; the train and held-out splits never share a question. :class:`Difficulty`
+makes it harder (larger operands, more of them) for stronger models; its default is the task above.
 """
 
 from __future__ import annotations
@@ -55,23 +56,36 @@ def render_steps(steps: list[tuple[int, str, int, int]]) -> str:
     return f"{body} A: {steps[-1][3]}"
 
 
-def random_problem(rng: random.Random) -> Problem:
+@dataclass(frozen=True)
+class Difficulty:
+    """Operands are drawn from 1..``max_operand``; a problem has one of ``operand_counts`` of them."""
+
+    max_operand: int = 99
+    operand_counts: tuple[int, ...] = (3, 4)
+
+
+STANDARD = Difficulty()
+
+
+def random_problem(rng: random.Random, difficulty: Difficulty = STANDARD) -> Problem:
     while True:
-        count = rng.choice((3, 4))
-        operands = tuple(rng.randint(1, 99) for _ in range(count))
+        count = rng.choice(difficulty.operand_counts)
+        operands = tuple(rng.randint(1, difficulty.max_operand) for _ in range(count))
         operators = tuple(rng.choice("+-") for _ in range(count - 1))
         problem = Problem(operands, operators)
         if all(step[3] >= 0 for step in problem.steps()):
             return problem
 
 
-def generate_splits(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+def generate_splits(
+    n_train: int, n_heldout: int, seed: int = 0, difficulty: Difficulty = STANDARD
+) -> tuple[list[Problem], list[Problem]]:
     """Distinct problems: ``n_train`` for training, ``n_heldout`` held out (no shared question)."""
     rng = random.Random(seed)
     seen: set[str] = set()
     problems: list[Problem] = []
     while len(problems) < n_train + n_heldout:
-        problem = random_problem(rng)
+        problem = random_problem(rng, difficulty)
         if problem.expression not in seen:
             seen.add(problem.expression)
             problems.append(problem)
@@ -103,14 +117,16 @@ def is_correct(text: str, answer: int) -> bool:
     return extract_answer(text) == answer
 
 
-def fresh_problems(count: int, seed: int, exclude: Collection[str] = ()) -> list[Problem]:
+def fresh_problems(
+    count: int, seed: int, exclude: Collection[str] = (), difficulty: Difficulty = STANDARD
+) -> list[Problem]:
     """``count`` distinct problems from their own seeded stream (``Random("fresh:<seed>")``, apart
     from :func:`generate_splits`' stream), none of whose question is in ``exclude``."""
     rng = random.Random(f"fresh:{seed}")
     seen = set(exclude)
     problems: list[Problem] = []
     while len(problems) < count:
-        problem = random_problem(rng)
+        problem = random_problem(rng, difficulty)
         if problem.expression not in seen:
             seen.add(problem.expression)
             problems.append(problem)

@@ -28,6 +28,7 @@ class DefaultTask:
     heldout_problems: int = 1000
     max_length: int = 128
     max_new_tokens: int = 64
+    difficulty: arithmetic.Difficulty = arithmetic.STANDARD
 
     def __post_init__(self) -> None:
         if self.validation_problems + self.preference_prompts > self.pool_problems:
@@ -43,7 +44,9 @@ class Splits:
 
 def task_splits(task: DefaultTask) -> Splits:
     """Validation, preference-prompt and held-out problems (pairwise disjoint)."""
-    pool, heldout = arithmetic.generate_splits(task.pool_problems, task.heldout_problems, seed=task.seed)
+    pool, heldout = arithmetic.generate_splits(
+        task.pool_problems, task.heldout_problems, seed=task.seed, difficulty=task.difficulty
+    )
     return Splits(
         validation=pool[: task.validation_problems],
         preference=pool[task.pool_problems - task.preference_prompts :],
@@ -53,10 +56,15 @@ def task_splits(task: DefaultTask) -> Splits:
 
 def reserved_questions(task: DefaultTask) -> set[str]:
     """Every question of the pool and the held-out set: what the start's data never contains."""
-    pool, heldout = arithmetic.generate_splits(task.pool_problems, task.heldout_problems, seed=task.seed)
+    pool, heldout = arithmetic.generate_splits(
+        task.pool_problems, task.heldout_problems, seed=task.seed, difficulty=task.difficulty
+    )
     return {problem.expression for problem in pool + heldout}
 
 
 def start_problems(count: int, seed: int, task: DefaultTask | None = None) -> list[arithmetic.Problem]:
     """The shipped start's training problems: ``count`` fresh ones, none reserved by ``task``."""
-    return arithmetic.fresh_problems(count, seed, exclude=reserved_questions(task or DefaultTask()))
+    task = task or DefaultTask()
+    return arithmetic.fresh_problems(
+        count, seed, exclude=reserved_questions(task), difficulty=task.difficulty
+    )

@@ -1,0 +1,152 @@
+"""``miopt compare --preset smollm2-arith``'s machinery on the tiny shipped start: SFT to a plateau in
+exact segments, pairs from the start's own samples, pass@k columns, the summary table, reuse."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from miopt.cli import main
+from miopt.compare import (
+    SAMPLING_COLUMNS,
+    TABLE_JSON,
+    CompareOptions,
+    PlateauSFT,
+    SmolLM2ArithPreset,
+    preset_from_options,
+    run_compare,
+    summary_table,
+)
+from miopt.compare import smollm2 as preset_module
+from miopt.compare.smollm2 import PAIRS_FILE, PLATEAU_FILE, SMOLLM2_TASK, START_DIR, plateau_sft
+from miopt.errors import OptionError
+from miopt.tasks import arithmetic
+from miopt.tasks.default import task_splits
+
+TINY_TASK = dataclasses.replace(
+    SMOLLM2_TASK,
+    pool_problems=120,
+    validation_problems=16,
+    preference_prompts=60,
+    heldout_problems=16,
+    difficulty=arithmetic.STANDARD,  # what the tiny shipped start can do
+)
+
+
+def tiny_preset(**changes) -> SmolLM2ArithPreset:
+    base = dict(SmolLM2ArithPreset().base, max_steps=3, batch_size=4, save_steps=2, logging_steps=1)
+    settings = dict(
+        start_model="builtin:arith",
+        task=TINY_TASK,
+        sft=PlateauSFT(segment_steps=2, max_segments=2, min_segments=1, batch_size=4, train_problems=48),
+        preference_prompts=40,
+        heldout_pair_prompts=8,
+        pass_problems=8,
+        eval_limit=16,
+        seeds=1,
+        base=base,
+    )
+    return SmolLM2ArithPreset(**{**settings, **changes})
+
+
+def test_preset_is_listed_and_defaults_to_the_five_arms():
+    assert "smollm2" in " ".join(preset_from_options.__globals__["PRESETS"])
+    assert SmolLM2ArithPreset.objectives == ("mio", "dpo", "dpop", "cal_dpo", "sft")
+    preset = preset_from_options(CompareOptions(output_dir="x", preset="smollm2-arith", sft_steps=100))
+    assert preset.sft.max_segments * preset.sft.segment_steps >= 100
+    assert preset.task.difficulty.max_operand == 999  # the harder task of the real-model experiment
+
+
+def test_plateau_stops_when_a_segment_gains_less_than_min_gain(tmp_path, monkeypatch):
+    scripted = iter([0.10, 0.50, 0.60, 0.61, 0.99])
+    monkeypatch.setattr(preset_module, "greedy_accuracy", lambda *args: next(scripted))
+    preset = tiny_preset(sft=PlateauSFT(segment_steps=2, max_segments=5, min_segments=2, train_problems=48))
+    folder = plateau_sft(preset, "builtin:arith", [], tmp_path / START_DIR, progress=False)
+    record = json.loads((folder / PLATEAU_FILE).read_text())
+    assert [point["step"] for point in record["curve"]] == [0, 2, 4, 6]  # +0.01 at step 6 < 0.02
+    assert [point["validation_accuracy"] for point in record["curve"]] == [0.10, 0.50, 0.60, 0.61]
+    assert record["done"] and (folder / "config.json").is_file()
+
+    # Finished: a second call trains and measures nothing.
+    monkeypatch.setattr(preset_module, "greedy_accuracy", lambda *args: pytest.fail("measured again"))
+    assert plateau_sft(preset, "builtin:arith", [], tmp_path / START_DIR, progress=False) == folder
+
+
+def test_plateau_segments_continue_one_run_exactly(tmp_path, monkeypatch):
+    """Two segments of 2 steps end on the same weights as one uninterrupted 4-step run."""
+    monkeypatch.setattr(preset_module, "greedy_accuracy", lambda *args: 0.5)
+    segmented = tiny_preset(
+        sft=PlateauSFT(segment_steps=2, max_segments=2, min_segments=2, train_problems=48)
+    )
+    whole = tiny_preset(sft=PlateauSFT(segment_steps=4, max_segments=1, min_segments=1, train_problems=48))
+    torch.set_num_threads(1)
+    a = plateau_sft(segmented, "builtin:arith", [], tmp_path / "a", progress=False)
+    b = plateau_sft(whole, "builtin:arith", [], tmp_path / "b", progress=False)
+    weights_a, weights_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
+
+
+def test_plateau_refuses_a_folder_made_from_other_settings(tmp_path, monkeypatch):
+    monkeypatch.setattr(preset_module, "greedy_accuracy", lambda *args: 0.5)
+    plateau_sft(tiny_preset(), "builtin:arith", [], tmp_path / START_DIR, progress=False)
+    other = tiny_preset(sft=PlateauSFT(segment_steps=3, max_segments=1, min_segments=1, train_problems=48))
+    with pytest.raises(OptionError, match="another model or other settings"):
+        plateau_sft(other, "builtin:arith", [], tmp_path / START_DIR, progress=False)
+
+
+def test_compare_on_own_samples_writes_pass_at_k_and_reuses_everything(tmp_path, monkeypatch):
+    output = tmp_path / "compare"
+    options = CompareOptions(output_dir=str(output), objectives=["mio", "sft"], threads=1, progress=False)
+    table = run_compare(options, preset=tiny_preset())
+
+    # Pairs are the start's own samples: chosen correct, rejected wrong, by the task's checker.
+    saved = json.loads((output / PAIRS_FILE).read_text())
+    splits = task_splits(TINY_TASK)
+    problems = {problem.prompt: problem for problem in splits.preference}
+    assert saved["pairs"], "the tiny start gave no contrast"
+    for pair in saved["pairs"]:
+        answer = problems[pair["prompt"]].answer
+        assert arithmetic.is_correct(pair["chosen"], answer)
+        assert pair["rejected"] and not any(arithmetic.is_correct(text, answer) for text in pair["rejected"])
+    counts = saved["counts"]
+    assert counts["prompts"] == 40 and counts["pairs"] == len(saved["pairs"])
+    held_out = sum(1 for pair in saved["pairs"] if pair["index"] >= 40 - 8)
+    assert table["info"]["heldout_pairs"] == held_out
+    assert table["info"]["train_pairs"] == len(saved["pairs"]) - held_out
+
+    # pass@1 <= pass@k, for the start and every arm; the summary names every arm and the start.
+    start = table["start"]
+    assert 0 <= start["pass_at_1"] <= start["pass_at_k"] <= 1 and start["pass_k"] == 4
+    for row in table["rows"]:
+        assert row["pass_at_1"]["mean"] <= row["pass_at_k"]["mean"]
+        low, high = row["final_accuracy_ci95"]
+        assert low <= row["final_accuracy"]["mean"] <= high
+    assert {key for key, *_ in SAMPLING_COLUMNS} <= set(
+        json.loads((output / TABLE_JSON).read_text())["rows"][0]
+    )
+    text = summary_table(table)
+    assert [line.split()[0] for line in text.splitlines()[2:]] == ["start", "mio", "sft"]
+    assert "pass@4" in text and "%" in text.splitlines()[3]
+    for run in ("mio-seed0", "sft-seed0"):
+        assert not list((output / "runs" / run).glob("checkpoint-*"))  # a finished run keeps no checkpoint
+
+    # A second invocation samples, trains and evaluates the start nothing again.
+    monkeypatch.setattr(preset_module, "_sample_pairs", lambda *a: pytest.fail("sampled again"))
+    monkeypatch.setattr(preset_module, "greedy_accuracy", lambda *a: pytest.fail("start re-measured"))
+    again = run_compare(options, preset=tiny_preset())
+    assert again["start"] == table["start"] and again["reused_runs"] == 2
+
+
+def test_compare_model_flag_is_checked_before_any_work(tmp_path, capsys):
+    code = main(["compare", "--preset", "smollm2-arith", "--model", str(tmp_path / "none.gguf"),
+                 "--output-dir", str(tmp_path / "c")])  # fmt: skip
+    assert code == 2
+    assert "none.gguf" in capsys.readouterr().err
+    assert not (tmp_path / "c" / START_DIR).exists()
+    with pytest.raises(OptionError, match="gsm8k trains its own start"):
+        run_compare(CompareOptions(output_dir=str(tmp_path / "g"), preset="gsm8k", model="builtin"))
