@@ -150,3 +150,51 @@ def test_compare_model_flag_is_checked_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "c" / START_DIR).exists()
     with pytest.raises(OptionError, match="gsm8k trains its own start"):
         run_compare(CompareOptions(output_dir=str(tmp_path / "g"), preset="gsm8k", model="builtin"))
+
+
+def test_a_preempted_compare_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    """SIGTERM during an arm's training: the arm stops with a checkpoint; the same command again
+    finishes it from there, ending on the weights and result of an uninterrupted comparison."""
+    import os
+    import signal
+
+    import miopt.train as train_module
+    from miopt.preemption import Preempted
+
+    torch.set_num_threads(1)
+    preset = tiny_preset(base=dict(tiny_preset().base, max_steps=4, save_steps=0))
+    options = CompareOptions(
+        output_dir=str(tmp_path / "whole"), objectives=["mio"], threads=1, progress=False
+    )
+    whole = run_compare(options, preset=preset)
+
+    original, calls = train_module.make_step_function, {"n": 0}
+
+    def signalling(*args, **kwargs):
+        step = original(*args, **kwargs)
+
+        def wrapped(model, indices):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step(model, indices)
+
+        return wrapped
+
+    monkeypatch.setattr(train_module, "make_step_function", signalling)
+    stopped = dataclasses.replace(options, output_dir=str(tmp_path / "stopped"))
+    with pytest.raises(Preempted) as raised:
+        run_compare(stopped, preset=preset)
+    run = tmp_path / "stopped" / "runs" / "mio-seed0"
+    assert raised.value.step == 2 and [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-0000002"]
+    assert not (run / "compare_result.json").exists()
+
+    monkeypatch.setattr(train_module, "make_step_function", original)
+    resumed = run_compare(stopped, preset=preset)
+    want = load_file(tmp_path / "whole" / "runs" / "mio-seed0" / "model.safetensors")
+    got = load_file(run / "model.safetensors")
+    assert all(torch.equal(got[name], tensor) for name, tensor in want.items())
+    drop = {"seconds", "key"}  # the key names the start folder, which differs
+    assert {k: v for k, v in resumed["runs"][0].items() if k not in drop} == {
+        k: v for k, v in whole["runs"][0].items() if k not in drop
+    }

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import json
 import re
 import shutil
 import sys
@@ -29,7 +30,7 @@ from miopt.errors import OptionError
 SUFFIX = ".gguf"
 MAGIC = b"GGUF"  # the first four bytes of every GGUF file (GGUF specification, "File Structure")
 COMPLETE = ".miopt-gguf-complete"  # written last into a converted folder
-CONVERSION_FORMAT = 1  # part of the cache key: bump when the conversion changes
+CONVERSION_FORMAT = 2  # part of the cache key: bump when the conversion changes
 _HUB_FILE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+/[\w.-]+\.gguf$", re.IGNORECASE)
 
 
@@ -163,3 +164,18 @@ def _convert(spec: str, folder: Path) -> None:
         plain.generation_config = gguf_model.generation_config
     plain.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    _drop_tokens_past_vocab(folder / "tokenizer.json", config.vocab_size)
+
+
+def _drop_tokens_past_vocab(tokenizer_file: Path, vocab_size: int) -> None:
+    """Remove added tokens that have no embedding row. transformers' byte-level GGUF tokenizer adds
+    GPT-2's ``<|endoftext|>`` when the file's vocabulary lacks it, at id ``vocab_size``: a text holding
+    that string would then index past the embedding matrix."""
+    if not tokenizer_file.is_file():
+        return
+    state = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    added = state.get("added_tokens") or []
+    kept = [token for token in added if token["id"] < vocab_size]
+    if len(kept) < len(added):
+        state["added_tokens"] = kept
+        tokenizer_file.write_text(json.dumps(state, ensure_ascii=False, indent=2), encoding="utf-8")
