@@ -78,13 +78,28 @@ def test_plateau_stops_when_a_segment_gains_less_than_min_gain(tmp_path, monkeyp
 
 def test_plateau_segments_continue_one_run_exactly(tmp_path, monkeypatch):
     """Two segments of 2 steps end on the same weights as one uninterrupted 4-step run."""
+    import miopt.sft as sft_module
+
     monkeypatch.setattr(preset_module, "greedy_accuracy", lambda *args: 0.5)
     segmented = tiny_preset(
         sft=PlateauSFT(segment_steps=2, max_segments=2, min_segments=2, train_problems=48)
     )
     whole = tiny_preset(sft=PlateauSFT(segment_steps=4, max_segments=1, min_segments=1, train_problems=48))
     torch.set_num_threads(1)
+    original, starts = sft_module.sft_on_examples, []
+
+    def recording(options, *args, **kwargs):
+        checkpoints = sorted(path.name for path in (tmp_path / "a").glob("checkpoint-*"))
+        starts.append((options.max_steps, options.resume, checkpoints))
+        return original(options, *args, **kwargs)
+
+    monkeypatch.setattr(sft_module, "sft_on_examples", recording)
     a = plateau_sft(segmented, "builtin:arith", [], tmp_path / "a", progress=False)
+    # the second segment continued from the first one's last step; it did not train from scratch
+    assert starts == [(2, None, []), (4, "latest", ["checkpoint-0000002"])]
+    rows = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["step"] for row in rows] == [2, 4]  # one row per segment end, none twice
+    monkeypatch.setattr(sft_module, "sft_on_examples", original)
     b = plateau_sft(whole, "builtin:arith", [], tmp_path / "b", progress=False)
     weights_a, weights_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert weights_a.keys() == weights_b.keys()

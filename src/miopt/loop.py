@@ -422,6 +422,7 @@ def run_loop(
     on_log: Callable[[dict[str, float]], None] | None = None,
     accelerator=None,
     example_weights: Sequence[float] | None = None,
+    checkpoint_last: bool = False,
 ) -> LoopResult:
     """Optimise ``model`` with ``step_fn`` over ``num_examples`` examples; returns the logged history.
 
@@ -433,6 +434,8 @@ def run_loop(
     ``stateful`` objects (``state_dict``/``load_state_dict``) are saved in checkpoints and restored
     on resume, next to the model, optimizer, scheduler and RNG states. A non-finite loss, gradient
     norm or weight raises :class:`NonFiniteError` before it reaches the weights or a checkpoint.
+    ``checkpoint_last``: the last step is checkpointed too (on the ``--save-steps`` grid), so that a
+    later call with a larger ``max_steps`` continues this one exactly (training in segments).
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -486,7 +489,11 @@ def run_loop(
                 history.append(record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
                 sink.write(record)
-            saved = options.save_steps and step % options.save_steps == 0 and step < total_steps
+            saved = (
+                options.save_steps
+                and step % options.save_steps == 0
+                and (step < total_steps or checkpoint_last)
+            )
             if saved:
                 _save(options, accelerator, run.model, step, estimate)
             signum = stop.agreed(accelerator)

@@ -105,9 +105,16 @@ def make_sft_step(examples: Sequence[TokenizedExample], *, pad_token_id: int, ch
 
 
 def sft_on_examples(
-    options: SFTOptions, model, tokenizer, examples: list[TokenizedExample], *, save: bool = True
+    options: SFTOptions,
+    model,
+    tokenizer,
+    examples: list[TokenizedExample],
+    *,
+    save: bool = True,
+    checkpoint_last: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune ``model`` on tokenised prompt/completion examples; saves into ``output_dir``."""
+    """Fine-tune ``model`` on tokenised prompt/completion examples; saves into ``output_dir``.
+    ``checkpoint_last``: :func:`miopt.loop.run_loop`'s (a later, longer call continues this one)."""
     check_loop_options(options)
     if options.lora_r:
         model = apply_lora(model, options)
@@ -125,6 +132,7 @@ def sft_on_examples(
             step_fn=step,
             accelerator=accelerator,
             example_weights=[completion_tokens(example) for example in examples],
+            checkpoint_last=checkpoint_last,
         )
         state_dict = full_state_dict(accelerator, model) if save else None
         output_dir = Path(options.output_dir)

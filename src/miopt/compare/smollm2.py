@@ -312,7 +312,7 @@ def plateau_sft(preset: SmolLM2ArithPreset, source: str, validation, folder: Pat
         )
         model = load_model(source)
         print(f"[compare] SFT start: steps to {steps}", file=sys.stderr)
-        sft_on_examples(options, model, tokenizer, examples)
+        sft_on_examples(options, model, tokenizer, examples, checkpoint_last=True)
         accuracy = greedy_accuracy(preset, model, tokenizer, validation)
         gain = accuracy - record["curve"][-1]["validation_accuracy"]
         record["curve"].append({"step": steps, "validation_accuracy": accuracy})
