@@ -14,11 +14,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def check_model_options(options: Any) -> None:
-    """``ModelOptions``: the model names (they exist; a GGUF file is one), dtype, truncation, LoRA and
-    log-prob chunk."""
+    """``ModelOptions``: dtype, truncation, LoRA and log-prob chunk."""
     o = options
-    check_model_source(o.model)
-    check_model_source(getattr(o, "ref_model", None))
     require(o.dtype is None or o.dtype in DTYPES, "--dtype", f"one of {', '.join(DTYPES)}", o.dtype)
     require(o.max_length >= 2, "--max-length", ">= 2", o.max_length)
     if o.max_prompt_length is not None:
@@ -28,6 +25,13 @@ def check_model_options(options: Any) -> None:
     require(o.lora_alpha > 0, "--lora-alpha", "> 0", o.lora_alpha)
     require(0 <= o.lora_dropout < 1, "--lora-dropout", "in [0, 1)", o.lora_dropout)
     require(o.logprob_chunk >= 0, "--logprob-chunk", ">= 0 (0: full logits)", o.logprob_chunk)
+
+
+def check_model_sources(options: Any) -> None:
+    """The model names exist (a GGUF file is one, with the ``gguf`` package installed); run after the
+    value checks, so that a bad value is reported before a missing file."""
+    check_model_source(options.model)
+    check_model_source(getattr(options, "ref_model", None))
 
 
 def check_preference_ranges(options: Any) -> None:

@@ -29,7 +29,7 @@ from miopt.loop import (
     sharded_setup,
 )
 from miopt.modeling import unwrap
-from miopt.option_checks import check_model_options
+from miopt.option_checks import check_model_options, check_model_sources
 from miopt.packing import make_batch
 from miopt.plots import plot_training_curves
 from miopt.preemption import stop_after
@@ -156,6 +156,7 @@ def sft(options: SFTOptions) -> dict[str, Any]:
     check_model_options(options)
     if not options.model or not options.data:
         raise OptionError("miopt sft needs --model (folder, hub id or 'builtin') and --data")
+    check_model_sources(options)
     with RunFolder(options) as folder:
         folder.check()
         if options.data in (ARITHMETIC_DATA, ARITHMETIC_LM_DATA):

@@ -38,7 +38,7 @@ from miopt.loop import (
 )
 from miopt.modeling import disable_dropout, unwrap
 from miopt.objective_flags import given_objective_options, ld_alpha_of, objective_options, uses_weighting
-from miopt.option_checks import check_model_options, check_preference_ranges
+from miopt.option_checks import check_model_options, check_model_sources, check_preference_ranges
 from miopt.packing import PACKINGS
 from miopt.plots import plot_training_curves
 from miopt.preemption import stop_after
@@ -189,6 +189,7 @@ def check_train_options(options: TrainOptions) -> None:
                 "merge it into the full-precision base afterwards (docs/distributed.md)"
             )
         models.check_4bit_available()
+    check_model_sources(options)
 
 
 class ChosenDeclineMonitor:
