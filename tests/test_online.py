@@ -287,3 +287,49 @@ def test_builtin_task_without_model_uses_the_shipped_start_and_its_defaults(tmp_
     assert stored["options"]["objective"] == "mio" and stored["options"]["learning_rate"] == 5e-5
     assert stored["options"]["beta"] == 0.25  # an explicit flag wins over the built-in defaults
     assert [row.get("heldout_n") for row in _rows(out)] == [3, 3]
+
+
+def test_sigterm_during_a_round_exits_143_and_resume_equals_the_straight_run(
+    small_model_dir, prompts_file, tmp_path, verifier_module, monkeypatch, capsys
+):
+    """A preempted round's update stops with exit 143; ``--resume`` redoes that round from the last
+    complete one (sampling is seeded per round) and ends where the uninterrupted run ends."""
+    import os
+    import signal
+
+    import miopt.train as train_module
+
+    extra = ("--verifier", "online_verifiers:even", "--reference-mode", "start", "--rounds", "2")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    original, calls = train_module.make_step_function, {"made": 0, "signal_at": None}
+
+    def signalling(*args, **kwargs):
+        step = original(*args, **kwargs)
+        calls["made"] += 1
+        made = calls["made"]
+
+        def wrapped(model, indices):
+            if made == calls["signal_at"]:  # the last round's update
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step(model, indices)
+
+        return wrapped
+
+    monkeypatch.setattr(train_module, "make_step_function", signalling)
+    assert main(_online(small_model_dir, prompts_file, straight, *extra)) == 0
+    assert _rows(straight)[2]["steps"] > 0, "round 2 must train for the signal to land in it"
+    calls["signal_at"], calls["made"] = calls["made"], 0
+    capsys.readouterr()
+    assert main(_online(small_model_dir, prompts_file, stopped, *extra)) == 143
+    err = capsys.readouterr().err
+    assert "SIGTERM" in err and "Traceback" not in err
+    assert [row["round"] for row in _rows(stopped)] == [0, 1]
+
+    monkeypatch.setattr(train_module, "make_step_function", original)
+    assert main(_online(small_model_dir, prompts_file, stopped, *extra, "--resume")) == 0
+    rows, expected = _rows(stopped), _rows(straight)
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    for key in ("pass@1", "pairs", "steps", "loss", "logps/chosen"):
+        if key in expected[2]:
+            assert rows[2][key] == pytest.approx(expected[2][key], rel=1e-5), key
+    assert not list(stopped.glob(".round-*.tmp"))
