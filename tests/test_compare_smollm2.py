@@ -213,3 +213,21 @@ def test_a_preempted_compare_run_continues_from_its_checkpoint(tmp_path, monkeyp
     assert {k: v for k, v in resumed["runs"][0].items() if k not in drop} == {
         k: v for k, v in whole["runs"][0].items() if k not in drop
     }
+
+
+def test_a_start_stopped_at_max_segments_continues_when_allowed_more(tmp_path, monkeypatch):
+    """Still rising at the segment limit: 'max_segments'; a larger limit continues the same start
+    from its last checkpoint (one more segment, not a retraining); a changed trajectory is refused."""
+    scripted = iter([0.10, 0.30, 0.50, 0.70])
+    monkeypatch.setattr(preset_module, "greedy_accuracy", lambda *args: next(scripted))
+    short = tiny_preset(sft=PlateauSFT(segment_steps=2, max_segments=2, min_segments=1, train_problems=48))
+    folder = plateau_sft(short, "builtin:arith", [], tmp_path / START_DIR, progress=False)
+    record = json.loads((folder / PLATEAU_FILE).read_text())
+    assert [p["step"] for p in record["curve"]] == [0, 2, 4] and record["stopped"] == "max_segments"
+
+    longer = tiny_preset(sft=dataclasses.replace(short.sft, max_segments=3))
+    plateau_sft(longer, "builtin:arith", [], tmp_path / START_DIR, progress=False)
+    record = json.loads((folder / PLATEAU_FILE).read_text())
+    assert [p["validation_accuracy"] for p in record["curve"]] == [0.10, 0.30, 0.50, 0.70]
+    rows = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [2, 4, 6]

@@ -260,26 +260,34 @@ def _sample_pairs(preset: SmolLM2ArithPreset, model, tokenizer, problems, progre
     return rows, counts
 
 
-def plateau_sft(preset: SmolLM2ArithPreset, source: str, validation, folder: Path, progress: bool) -> Path:
-    """Fine-tune ``source`` in segments until validation accuracy plateaus; returns the start folder.
+# What a start's weights depend on; the stopping rule (min/max segments, min gain) may change between
+# invocations: a larger --sft-steps continues the same trajectory where the last one stopped.
+TRAJECTORY_FIELDS = ("segment_steps", "batch_size", "learning_rate", "train_problems", "seed")
 
-    Resumable: a finished start (``plateau.json`` with ``done``) is reused, an interrupted segment
-    resumes from its checkpoint, and the measured segments are not measured again."""
-    from miopt.models import load_model, load_tokenizer
-    from miopt.sft import SFTOptions, sft_on_examples
 
-    settings = preset.sft
-    record_path = folder / PLATEAU_FILE
-    record = json.loads(record_path.read_text()) if record_path.is_file() else None
-    identity = {"source": source, "sft": dataclasses.asdict(settings), "task": repr(preset.task)}
-    if record and record.get("identity") != identity:
-        raise_mismatch(folder)
-    if record and record.get("done"):
-        print(f"[compare] SFT start: reused {folder} ({record['curve'][-1]})", file=sys.stderr)
-        return folder
-    record = record or {"identity": identity, "curve": [], "done": False}
-    tokenizer = load_tokenizer(source)
-    problems = start_problems(settings.train_problems, settings.seed, preset.task)
+def _identity(source: str, settings: PlateauSFT, task: DefaultTask) -> dict[str, Any]:
+    fields = dataclasses.asdict(settings)
+    return {"source": source, "sft": {k: fields[k] for k in TRAJECTORY_FIELDS}, "task": repr(task)}
+
+
+def _same_trajectory(recorded: dict[str, Any], identity: dict[str, Any]) -> bool:
+    sft = {k: v for k, v in recorded.get("sft", {}).items() if k in TRAJECTORY_FIELDS}
+    return {**recorded, "sft": sft} == identity
+
+
+def stopping(curve: list[dict[str, float]], settings: PlateauSFT) -> str | None:
+    """Why SFT stops after ``curve`` (step 0 first): 'plateau' (the last segment gained less than
+    ``min_gain`` after ``min_segments``), 'max_segments' (still rising), or None (go on)."""
+    segments = len(curve) - 1
+    if segments >= settings.min_segments and segments >= 1:
+        gain = curve[-1]["validation_accuracy"] - curve[-2]["validation_accuracy"]
+        if gain < settings.min_gain:
+            return "plateau"
+    return "max_segments" if segments >= settings.max_segments else None
+
+
+def _sft_examples(preset: SmolLM2ArithPreset, tokenizer) -> list[TokenizedExample]:
+    problems = start_problems(preset.sft.train_problems, preset.sft.seed, preset.task)
     examples, _ = tokenize_examples(
         [p.prompt for p in problems],
         [(p.solution,) for p in problems],
@@ -287,42 +295,70 @@ def plateau_sft(preset: SmolLM2ArithPreset, source: str, validation, folder: Pat
         tokenizer,
         max_length=preset.task.max_length,
     )
+    return examples
+
+
+def _segment_options(preset: SmolLM2ArithPreset, source: str, folder: Path, steps: int, progress: bool):
+    from miopt.sft import SFTOptions
+
+    settings = preset.sft
+    return SFTOptions(
+        model=source,
+        output_dir=str(folder),
+        max_steps=steps,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        lr_scheduler="constant",  # with no warmup: a later, longer segment continues this one exactly
+        warmup_ratio=0.0,
+        logging_steps=10,
+        save_steps=settings.segment_steps,
+        save_total_limit=1,
+        seed=settings.seed,
+        progress=progress,
+        max_length=preset.task.max_length,
+        resume="latest" if list_checkpoints(folder) else None,
+    )
+
+
+def plateau_sft(preset: SmolLM2ArithPreset, source: str, validation, folder: Path, progress: bool) -> Path:
+    """Fine-tune ``source`` in segments until validation accuracy plateaus; returns the start folder.
+
+    Resumable: a finished start is reused, an interrupted segment resumes from its checkpoint, the
+    measured segments are not measured again, and a larger ``max_segments`` continues a start that
+    stopped at the old limit."""
+    from miopt.models import load_model, load_tokenizer
+    from miopt.sft import sft_on_examples
+
+    settings = preset.sft
+    record_path = folder / PLATEAU_FILE
+    record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    identity = _identity(source, settings, preset.task)
+    if record and not _same_trajectory(record.get("identity", {}), identity):
+        raise_mismatch(folder)
+    record = record or {"identity": identity, "curve": []}
+    if record["curve"] and (reason := stopping(record["curve"], settings)):
+        print(f"[compare] SFT start: reused {folder} ({record['curve'][-1]}, {reason})", file=sys.stderr)
+        return folder
+    tokenizer = load_tokenizer(source)
+    examples = _sft_examples(preset, tokenizer)
     if not record["curve"]:
-        model = load_model(source)
-        accuracy = greedy_accuracy(preset, model, tokenizer, validation)
+        accuracy = greedy_accuracy(preset, load_model(source), tokenizer, validation)
         record["curve"].append({"step": 0, "validation_accuracy": accuracy})
         print(f"[compare] SFT start: step 0, validation accuracy {accuracy:.1%}", file=sys.stderr)
-    while not record["done"]:
+    while not (reason := stopping(record["curve"], settings)):
         steps = record["curve"][-1]["step"] + settings.segment_steps
-        options = SFTOptions(
-            model=source,
-            output_dir=str(folder),
-            max_steps=steps,
-            batch_size=settings.batch_size,
-            learning_rate=settings.learning_rate,
-            lr_scheduler="constant",
-            warmup_ratio=0.0,
-            logging_steps=10,
-            save_steps=settings.segment_steps,
-            save_total_limit=1,
-            seed=settings.seed,
-            progress=progress,
-            max_length=preset.task.max_length,
-            resume="latest" if list_checkpoints(folder) else None,
-        )
         model = load_model(source)
         print(f"[compare] SFT start: steps to {steps}", file=sys.stderr)
+        options = _segment_options(preset, source, folder, steps, progress)
         sft_on_examples(options, model, tokenizer, examples, checkpoint_last=True)
         accuracy = greedy_accuracy(preset, model, tokenizer, validation)
         gain = accuracy - record["curve"][-1]["validation_accuracy"]
         record["curve"].append({"step": steps, "validation_accuracy": accuracy})
-        segments = len(record["curve"]) - 1
-        record["done"] = segments >= settings.max_segments or (
-            segments >= settings.min_segments and gain < settings.min_gain
-        )
+        record["stopped"] = stopping(record["curve"], settings)
+        record["done"] = record["stopped"] is not None
         print(
             f"[compare] SFT start: step {steps}, validation accuracy {accuracy:.1%} ({gain:+.1%})"
-            + (" - plateau" if record["done"] else ""),
+            + (f" - stop: {record['stopped']}" if record["stopped"] else ""),
             file=sys.stderr,
         )
         atomic_write_json(record_path, record)
