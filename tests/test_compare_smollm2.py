@@ -58,7 +58,7 @@ def test_preset_is_listed_and_defaults_to_the_five_arms():
     assert SmolLM2ArithPreset.objectives == ("mio", "dpo", "dpop", "cal_dpo", "sft")
     preset = preset_from_options(CompareOptions(output_dir="x", preset="smollm2-arith", sft_steps=100))
     assert preset.sft.max_segments * preset.sft.segment_steps >= 100
-    assert preset.task.difficulty.max_operand == 999  # the harder task of the real-model experiment
+    assert preset.task.difficulty == arithmetic.Difficulty(max_operand=99, operand_counts=(3, 4))
 
 
 def test_plateau_stops_when_a_segment_gains_less_than_min_gain(tmp_path, monkeypatch):

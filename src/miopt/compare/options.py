@@ -24,7 +24,7 @@ class CompareOptions:
         "arith",
         "Task, SFT start and pairs: 'arith' (built-in model and task), 'gsm8k' (a small model trained "
         "here on GSM8K), or 'smollm2-arith' (the real SmolLM2-135M-Instruct, SFT to its plateau on a "
-        "harder arithmetic task, pairs from its own samples; README 'A real model').",
+        "built-in arithmetic task, pairs from its own samples; README 'A real model').",
         choices=sorted(PRESETS),
     )
     model: str | None = option(
