@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
@@ -84,7 +86,11 @@ def test_dry_run_throughput_figures_are_positive_and_trl_ran_where_installed(dry
             continue
         for key in ("pairs_per_second", "tokens_per_second", "peak_memory_mb", "matmul_tflops_bf16"):
             assert isinstance(side[key], float) and side[key] > 0, (name, key)
-        assert 0 < side["mfu"] < 1 and 0 < side["executed_flops_fraction"] < 1
+        assert math.isfinite(side["mfu"]) and side["mfu"] > 0 and side["executed_flops_fraction"] > 0
+        # On a GPU its 8192^2 bf16 matmul rate bounds what training reaches. The CPU dry run's 1024^2 bf16
+        # matmul is no bound (a CPU without native bf16 converts; CI measured an MFU of 2.9 against it).
+        if torch.cuda.is_available():
+            assert side["mfu"] < 1 and side["executed_flops_fraction"] < 1
         assert len(side["losses"]) == step["measured_steps"] + step["warmup_steps"]
     if has_trl:
         # the same pairs in the same order on both sides: same token ids, losses equal up to bf16
