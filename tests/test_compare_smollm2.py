@@ -49,6 +49,7 @@ def tiny_preset(**changes) -> SmolLM2ArithPreset:
         eval_limit=16,
         seeds=1,
         base=base,
+        settings_grid=(),  # the selection has its own test
     )
     return SmolLM2ArithPreset(**{**settings, **changes})
 
@@ -231,3 +232,94 @@ def test_a_start_stopped_at_max_segments_continues_when_allowed_more(tmp_path, m
     assert [p["validation_accuracy"] for p in record["curve"]] == [0.10, 0.30, 0.50, 0.70]
     rows = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert rows == [2, 4, 6]
+
+
+def test_settings_are_chosen_per_arm_on_validation_and_the_chosen_seed0_run_is_not_retrained(
+    tmp_path, monkeypatch
+):
+    """Two learning rates per arm, seed 0, scored on the validation split only: each arm gets its best
+    (the first on a tie); seed 1 trains with it; the chosen seed-0 run is evaluated, not retrained;
+    the other candidate is never scored on the held-out problems; a second invocation trains nothing."""
+    import miopt.compare.runs as runs_module
+
+    grid = ((("learning_rate", 1e-5),), (("learning_rate", 1e-4),))
+    preset = tiny_preset(settings_grid=grid, seeds=2)
+    output = tmp_path / "compare"
+    options = CompareOptions(output_dir=str(output), objectives=["mio", "dpo"], threads=1, progress=False)
+    validation = {p.prompt for p in task_splits(TINY_TASK).validation}
+    heldout = {p.prompt for p in task_splits(TINY_TASK).heldout}
+    assert validation and not validation & heldout
+    # scripted validation scores: mio prefers 1e-4, dpo ties (so keeps the first listed, 1e-5)
+    scores = {("mio", 1e-5): 0.25, ("mio", 1e-4): 0.5, ("dpo", 1e-5): 0.5, ("dpo", 1e-4): 0.5}
+    scored, trained = [], []
+    original_validate = runs_module.validation_score
+
+    def validation_score(prepared, spec, *, progress):
+        true_accuracy = original_validate(prepared, spec, progress=progress)  # trains and scores for real
+        assert 0 <= true_accuracy <= 1
+        scored.append((spec.objective, spec.preference["learning_rate"]))
+        return scores[scored[-1]]
+
+    import miopt.train as train_module
+
+    original_train = train_module.train_on_examples
+
+    def counting_train(options, *args, **kwargs):
+        trained.append((options.objective, options.learning_rate, options.seed))
+        return original_train(options, *args, **kwargs)
+
+    monkeypatch.setattr(runs_module, "validation_score", validation_score)
+    monkeypatch.setattr(train_module, "train_on_examples", counting_train)
+    table = run_compare(options, preset=preset)
+
+    assert sorted(scored) == sorted(scores)
+    assert table["settings"]["chosen_settings"] == {
+        "mio": {"learning_rate": 1e-4},
+        "dpo": {"learning_rate": 1e-5},
+    }
+    # 4 selection runs at seed 0, then seed 1 of each arm's choice; the chosen seed-0 runs are reused
+    assert sorted(trained) == sorted(
+        [
+            ("mio", 1e-5, 0),
+            ("mio", 1e-4, 0),
+            ("dpo", 1e-5, 0),
+            ("dpo", 1e-4, 0),
+            ("mio", 1e-4, 1),
+            ("dpo", 1e-5, 1),
+        ]
+    )
+    runs = {(r["objective"], r["seed"]): r for r in table["runs"]}
+    assert (
+        runs[("mio", 0)]["settings"]["learning_rate"] == runs[("mio", 1)]["settings"]["learning_rate"] == 1e-4
+    )
+    results = sorted(p.parent.name for p in (output / "runs").glob("*/compare_result.json"))
+    assert results == ["dpo-lr1e-05-seed0", "dpo-lr1e-05-seed1", "mio-lr0.0001-seed0", "mio-lr0.0001-seed1"]
+    summary = json.loads((output / TABLE_JSON).read_text())["settings"]["selection"]
+    assert summary == json.loads((output / "settings.json").read_text())
+    assert [c["validation_accuracy"] for c in summary["mio"]["candidates"]] == [0.25, 0.5]
+    assert "learning_rate 0.0001" in summary_table(table).splitlines()[2 + 1]  # mio's row names its setting
+
+    # Again: nothing trains or is measured; the validation scores are read back from the run folders.
+    monkeypatch.setattr(preset_module, "greedy_accuracy", lambda *a: pytest.fail("measured again"))
+    trained.clear()
+    again = run_compare(options, preset=preset)
+    assert trained == [] and again["reused_runs"] == 4
+    assert again["settings"]["chosen_settings"] == table["settings"]["chosen_settings"]
+
+
+def test_pick_keeps_the_first_of_equal_scores_and_tags_name_the_setting():
+    from miopt.compare.selection import candidate_tag, pick
+
+    first, second = (("learning_rate", 1e-5),), (("learning_rate", 3e-5), ("beta", 0.3))
+    assert pick([(first, 0.5), (second, 0.5)]) == first
+    assert pick([(first, 0.4), (second, 0.5)]) == second
+    assert candidate_tag(second) == "lr3e-05-beta0.3" and candidate_tag(()) == "base"
+    with pytest.raises(ValueError):
+        pick([])
+
+
+def test_an_override_of_the_grid_option_turns_its_choice_off():
+    chosen = preset_from_options(CompareOptions(output_dir="x", preset="smollm2-arith"))
+    assert [dict(c)["learning_rate"] for c in chosen.settings_grid] == [1e-5, 3e-5]
+    fixed = preset_from_options(CompareOptions(output_dir="x", preset="smollm2-arith", learning_rate=2e-5))
+    assert fixed.settings_grid == () and fixed.preference_options()["learning_rate"] == 2e-5

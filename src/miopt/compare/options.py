@@ -55,6 +55,13 @@ class CompareOptions:
         "../shared/data/gsm8k", "GSM8K folder (train.jsonl, example_model_solutions.jsonl); gsm8k preset."
     )
     threads: int = option(0, "torch intra-op threads (0: torch's default).")
+    select_settings: bool = option(
+        True,
+        "Choose each objective's setting on the validation split among the preset's candidates "
+        "(smollm2-arith: learning rate 1e-5 or 3e-5), seed 0, before the held-out evaluation; false: "
+        "every objective uses the preset's shared setting. An --learning-rate or --beta override turns "
+        "off the choice over that option.",
+    )
     rerun: bool = option(False, "Retrain runs that already have a result in the output folder.")
     progress: bool = option(True, "Show a progress bar per run.")
 
@@ -113,7 +120,15 @@ def preset_from_options(options: CompareOptions):
                 sft, max_segments=segments, min_segments=min(sft.min_segments, segments)
             )
         limit = {"eval_limit": options.eval_limit} if options.eval_limit else {}
-        return SmolLM2ArithPreset(start_model=options.model, sft=sft, overrides=overrides, **limit)
+        overridden = {name for name, _ in overrides}
+        grid = tuple(
+            candidate
+            for candidate in SmolLM2ArithPreset.settings_grid
+            if not overridden & {name for name, _ in candidate}
+        )
+        return SmolLM2ArithPreset(
+            start_model=options.model, sft=sft, overrides=overrides, settings_grid=grid, **limit
+        )
     sft = Gsm8kSFTSettings()
     if options.sft_steps:
         sft = dataclasses.replace(sft, sft_steps=options.sft_steps)

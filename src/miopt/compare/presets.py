@@ -28,6 +28,7 @@ class Prepared:
     preference: dict[str, Any]  # TrainOptions fields shared by every run
     info: dict[str, Any]  # counts and descriptions, for table.json
     sample: Callable[[Any], dict[str, float]] | None = None  # pass@1 / pass@k of a model, if measured
+    validate: Callable[[Any], float] | None = None  # validation-split accuracy (settings selection)
 
 
 def _apply(options: dict[str, Any], overrides: Sequence[tuple[str, Any]]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from miopt.compare.options import (
 )
 from miopt.compare.plots import PLOTS, plot_quantity
 from miopt.compare.presets import Prepared
+from miopt.compare.selection import SELECTION_FILE, Candidate, apply_candidate, candidate_tag, select_settings
 from miopt.compare.table import (
     CURVE_KEYS,
     RESULT_FILE,
@@ -37,6 +39,9 @@ from miopt.compare.table import (
     write_markdown,
 )
 from miopt.errors import OptionError
+
+TRAINED_FILE = "trained.json"  # a run whose training finished: its key and training seconds
+VALIDATION_FILE = "validation.json"  # a selection run's validation accuracy
 
 
 @torch.no_grad()
@@ -92,53 +97,81 @@ def run_key(preset, objective: str, seed: int, preference: dict[str, Any], sft_d
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_one(
-    prepared: Prepared,
-    heldout_reference,
-    objective: str,
-    seed: int,
-    run_dir: Path,
-    *,
-    key: str,
-    progress: bool,
-    resume: bool = True,
-) -> dict[str, Any]:
-    """Train one objective with one seed from a freshly loaded SFT start; evaluate; write the result.
-    ``resume``: a run stopped part-way (preempted, killed) continues from its newest checkpoint."""
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a comparison: an objective, a seed and its preference options, in its own folder."""
+
+    objective: str
+    seed: int
+    preference: dict[str, Any]
+    run_dir: Path
+    key: str
+
+
+def trained_model(prepared: Prepared, spec: RunSpec, *, progress: bool, resume: bool = True):
+    """The run's final model: trained from a freshly loaded SFT start, or read back from the run folder
+    where an earlier invocation finished training it (its :data:`TRAINED_FILE` has the run's key).
+    ``resume``: a run stopped part-way (preempted, killed) continues from its newest checkpoint.
+    Returns the model and the training's wall seconds."""
     from miopt.models import load_model
     from miopt.train import TrainOptions, train_on_examples
 
+    marker = spec.run_dir / TRAINED_FILE
+    if resume and marker.is_file() and (done := json.loads(marker.read_text())).get("key") == spec.key:
+        return load_model(str(spec.run_dir)), done["seconds"]
     started = time.perf_counter()
-    resuming = resume and run_dir.is_dir() and bool(list_checkpoints(run_dir))
+    resuming = resume and spec.run_dir.is_dir() and bool(list_checkpoints(spec.run_dir))
     options = TrainOptions(
-        **prepared.preference,
-        objective=objective,
-        seed=seed,
-        output_dir=str(run_dir),
+        **spec.preference,
+        objective=spec.objective,
+        seed=spec.seed,
+        output_dir=str(spec.run_dir),
         model=str(prepared.sft_dir),
         progress=progress,
         resume="latest" if resuming else None,
     )
     model = load_model(str(prepared.sft_dir))
     train_on_examples(
-        options, model, prepared.tokenizer, prepared.examples, extra_summary={"compare_seed": seed}
+        options, model, prepared.tokenizer, prepared.examples, extra_summary={"compare_seed": spec.seed}
     )
-    history = _read_metrics(run_dir / "metrics.jsonl")
-    final_accuracy = prepared.evaluate(model)
+    seconds = round(time.perf_counter() - started, 1)
+    atomic_write_json(marker, {"key": spec.key, "seconds": seconds})
+    for checkpoint in list_checkpoints(spec.run_dir):  # the final model is saved: resume points go
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return model, seconds
+
+
+def run_one(
+    prepared: Prepared, heldout_reference, spec: RunSpec, *, progress: bool, resume: bool = True
+) -> dict[str, Any]:
+    """Train one run (or read back its trained model), evaluate it, write its result."""
+    model, train_seconds = trained_model(prepared, spec, progress=progress, resume=resume)
+    started = time.perf_counter()
+    history = _read_metrics(spec.run_dir / "metrics.jsonl")
     result = {
-        "objective": objective,
-        "seed": seed,
-        "key": key,
-        "final_accuracy": final_accuracy,
+        "objective": spec.objective,
+        "seed": spec.seed,
+        "key": spec.key,
+        "settings": {k: spec.preference[k] for k in ("learning_rate", "beta") if k in spec.preference},
+        "final_accuracy": prepared.evaluate(model),
         **(prepared.sample(model) if prepared.sample else {}),
         **pair_metrics(model, prepared.tokenizer, prepared.heldout_pairs, heldout_reference),
         **curve_summary(history),
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(train_seconds + time.perf_counter() - started, 1),
     }
-    atomic_write_json(run_dir / RESULT_FILE, result)
-    for checkpoint in list_checkpoints(run_dir):  # the run is complete: its resume points are not needed
-        shutil.rmtree(checkpoint, ignore_errors=True)
+    atomic_write_json(spec.run_dir / RESULT_FILE, result)
     return result
+
+
+def validation_score(prepared: Prepared, spec: RunSpec, *, progress: bool) -> float:
+    """Validation accuracy of the run's final model (kept in the run folder, keyed by the run)."""
+    path = spec.run_dir / VALIDATION_FILE
+    if path.is_file() and (saved := json.loads(path.read_text())).get("key") == spec.key:
+        return saved["validation_accuracy"]
+    model, _ = trained_model(prepared, spec, progress=progress)
+    accuracy = prepared.validate(model)
+    atomic_write_json(path, {"key": spec.key, "validation_accuracy": accuracy})
+    return accuracy
 
 
 def evaluate_start(prepared: Prepared, preset, output_dir: Path) -> tuple[dict[str, float], Any]:
@@ -172,74 +205,26 @@ def run_compare(options: CompareOptions, preset=None) -> dict[str, Any]:
 
 
 def _run_compare(options: CompareOptions, preset) -> dict[str, Any]:
-    from miopt.reference import compute_reference_logps
-
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    prepared = preset.prepare(output_dir, options.progress)
-    if not prepared.examples:
-        raise OptionError("no preference pairs: the SFT start left nothing to contrast")
-    start, sft_model = evaluate_start(prepared, preset, output_dir)
-    sft_accuracy = start["accuracy"]
-    heldout_reference = (
-        compute_reference_logps(
-            sft_model, prepared.heldout_pairs, prepared.tokenizer.pad_token_id, batch_size=64, progress=False
-        )
-        if prepared.heldout_pairs
-        else None
-    )
-    del sft_model
+    prepared, start, heldout_reference = _prepare(options, preset, output_dir)
     prepare_seconds = time.perf_counter() - started
     print(
-        f"[compare] SFT start {prepared.sft_dir}: held-out accuracy {sft_accuracy:.1%}; "
+        f"[compare] SFT start {prepared.sft_dir}: held-out accuracy {start['accuracy']:.1%}; "
         f"{len(prepared.examples)} training pairs, {len(prepared.heldout_pairs)} held-out pairs "
         f"({prepare_seconds:.0f} s)",
         file=sys.stderr,
     )
-
+    chosen, selection = _choose_settings(options, preset, prepared, output_dir)
     seeds = list(range(options.seeds or preset.seeds))
-    plan = [(objective, seed) for seed in seeds for objective in options.objectives]
-    results = []
-    run_started = time.perf_counter()
-    trained = 0
-    for index, (objective, seed) in enumerate(plan, 1):
-        run_dir = output_dir / RUNS_DIR / f"{objective}-seed{seed}"
-        key = run_key(preset, objective, seed, prepared.preference, prepared.sft_dir)
-        result_path = run_dir / RESULT_FILE
-        if not options.rerun and result_path.is_file():
-            previous = json.loads(result_path.read_text())
-            if previous.get("key") == key:
-                print(f"[compare] run {index}/{len(plan)}: {objective}, seed {seed}: done before, reused",
-                      file=sys.stderr)  # fmt: skip
-                results.append({**previous, "sft_accuracy": sft_accuracy})
-                continue
-        eta = ""
-        if trained:
-            left = len(plan) - index + 1
-            eta = f"; about {(time.perf_counter() - run_started) / trained * left / 60:.0f} min left"
-        print(f"[compare] run {index}/{len(plan)}: {objective}, seed {seed}{eta}", file=sys.stderr)
-        result = run_one(
-            prepared,
-            heldout_reference,
-            objective,
-            seed,
-            run_dir,
-            key=key,
-            progress=options.progress,
-            resume=not options.rerun,
-        )
-        trained += 1
-        print(
-            f"[compare] run {index}/{len(plan)}: {objective}, seed {seed}: held-out accuracy "
-            f"{result['final_accuracy']:.1%} (SFT start {sft_accuracy:.1%}), chosen change "
-            f"{result['chosen_change']:+.2f}, rejected change {result['rejected_change']:+.2f} nats "
-            f"({result['seconds']:.0f} s)",
-            file=sys.stderr,
-        )
-        results.append({**result, "sft_accuracy": sft_accuracy})
-
-    rows = aggregate(results, options.objectives, sft_accuracy, prepared.info.get("heldout_problems"))
+    plan = [
+        _spec(options, preset, prepared, objective, seed, chosen)
+        for seed in seeds
+        for objective in options.objectives
+    ]
+    results, trained = _train_all(options, prepared, heldout_reference, plan, start["accuracy"])
+    rows = aggregate(results, options.objectives, start["accuracy"], prepared.info.get("heldout_problems"))
     table = {
         "start": start,
         "settings": {
@@ -249,6 +234,8 @@ def _run_compare(options: CompareOptions, preset) -> dict[str, Any]:
             "seeds": seeds,
             "seed_changes": "the preference stage's data order only (same SFT start, pairs, evaluation)",
             "preference": prepared.preference,
+            "chosen_settings": {objective: dict(candidate) for objective, candidate in chosen.items()},
+            "selection": selection,
             "sft_model": str(prepared.sft_dir),
         },
         "info": prepared.info,
@@ -264,12 +251,119 @@ def _run_compare(options: CompareOptions, preset) -> dict[str, Any]:
         "reused_runs": len(results) - trained,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    subtitle = (
-        f"{preset.name}: {', '.join(options.objectives)}; beta {prepared.preference.get('beta')}, "
-        f"lr {prepared.preference.get('learning_rate')}, {prepared.preference.get('max_steps')} steps"
+    _write_outputs(output_dir, table, results, options.objectives, prepared.preference, preset.name)
+    return table
+
+
+def _prepare(options: CompareOptions, preset, output_dir: Path):
+    """The shared start, its evaluation, and the start's log-probs of the held-out pairs."""
+    from miopt.reference import compute_reference_logps
+
+    prepared = preset.prepare(output_dir, options.progress)
+    if not prepared.examples:
+        raise OptionError("no preference pairs: the SFT start left nothing to contrast")
+    start, sft_model = evaluate_start(prepared, preset, output_dir)
+    heldout_reference = (
+        compute_reference_logps(
+            sft_model, prepared.heldout_pairs, prepared.tokenizer.pad_token_id, batch_size=64, progress=False
+        )
+        if prepared.heldout_pairs
+        else None
     )
-    for quantity, name in PLOTS.items():
-        plot_quantity(results, options.objectives, quantity, output_dir / name, subtitle)
+    return prepared, start, heldout_reference
+
+
+def _grid(options: CompareOptions, preset, prepared: Prepared) -> tuple[Candidate, ...]:
+    """The candidates to choose among: the preset's grid where selection is on and the preset can
+    score the validation split; otherwise none (every arm uses the shared options)."""
+    if not options.select_settings or prepared.validate is None:
+        return ()
+    return tuple(getattr(preset, "settings_grid", ()))
+
+
+def _spec(options, preset, prepared: Prepared, objective: str, seed: int, chosen: dict) -> RunSpec:
+    candidate = chosen.get(objective)
+    preference = apply_candidate(prepared.preference, candidate or ())
+    name = (
+        f"{objective}-{candidate_tag(candidate)}-seed{seed}"
+        if candidate is not None
+        else f"{objective}-seed{seed}"
+    )
+    key = run_key(preset, objective, seed, preference, prepared.sft_dir)
+    return RunSpec(objective, seed, preference, Path(options.output_dir) / RUNS_DIR / name, key)
+
+
+def _choose_settings(options: CompareOptions, preset, prepared: Prepared, output_dir: Path):
+    """Each arm's candidate (:mod:`miopt.compare.selection`), or ``{}`` where there is no grid."""
+    grid = _grid(options, preset, prepared)
+    if not grid:
+        return {}, None
+    if options.rerun:  # a rerun trains the selection runs again too
+        for objective in options.objectives:
+            for candidate in grid:
+                (
+                    _spec(options, preset, prepared, objective, 0, {objective: candidate}).run_dir
+                    / TRAINED_FILE
+                ).unlink(missing_ok=True)
+
+    def score(objective: str, candidate: Candidate) -> float:
+        spec = _spec(options, preset, prepared, objective, 0, {objective: candidate})
+        print(f"[compare] selecting on validation: {objective}, {candidate_tag(candidate)}", file=sys.stderr)
+        accuracy = validation_score(prepared, spec, progress=options.progress)
+        print(
+            f"[compare] {objective}, {candidate_tag(candidate)}: validation accuracy {accuracy:.1%}",
+            file=sys.stderr,
+        )
+        return accuracy
+
+    selection = select_settings(options.objectives, grid, score)
+    atomic_write_json(output_dir / SELECTION_FILE, selection)
+    chosen = {objective: tuple(record["chosen"].items()) for objective, record in selection.items()}
+    return chosen, selection
+
+
+def _train_all(
+    options: CompareOptions, prepared: Prepared, heldout_reference, plan: list[RunSpec], sft_accuracy: float
+):
+    """Every planned run (finished ones reused); returns the results and how many were trained now."""
+    results, trained = [], 0
+    run_started = time.perf_counter()
+    for index, spec in enumerate(plan, 1):
+        label = f"[compare] run {index}/{len(plan)}: {spec.objective}, seed {spec.seed}"
+        result_path = spec.run_dir / RESULT_FILE
+        if not options.rerun and result_path.is_file():
+            previous = json.loads(result_path.read_text())
+            if previous.get("key") == spec.key:
+                print(f"{label}: done before, reused", file=sys.stderr)
+                results.append({**previous, "sft_accuracy": sft_accuracy})
+                continue
+        eta = ""
+        if trained:
+            left = len(plan) - index + 1
+            eta = f"; about {(time.perf_counter() - run_started) / trained * left / 60:.0f} min left"
+        print(f"{label}{eta}", file=sys.stderr)
+        result = run_one(
+            prepared, heldout_reference, spec, progress=options.progress, resume=not options.rerun
+        )
+        trained += 1
+        print(
+            f"{label}: held-out accuracy {result['final_accuracy']:.1%} (SFT start {sft_accuracy:.1%}), "
+            f"chosen change {result['chosen_change']:+.2f}, rejected change {result['rejected_change']:+.2f} "
+            f"nats ({result['seconds']:.0f} s)",
+            file=sys.stderr,
+        )
+        results.append({**result, "sft_accuracy": sft_accuracy})
+    return results, trained
+
+
+def _write_outputs(
+    output_dir: Path, table: dict, results: list, objectives, preference: dict, name: str
+) -> None:
+    subtitle = (
+        f"{name}: {', '.join(objectives)}; beta {preference.get('beta')}, "
+        f"lr {preference.get('learning_rate')}, {preference.get('max_steps')} steps"
+    )
+    for quantity, plot_name in PLOTS.items():
+        plot_quantity(results, objectives, quantity, output_dir / plot_name, subtitle)
     atomic_write_json(output_dir / TABLE_JSON, finite_json(table))
     write_markdown(output_dir / TABLE_MD, table)
-    return table

@@ -159,6 +159,7 @@ def summary_table(table: dict[str, Any]) -> str:
     n = table["info"].get("heldout_problems")
     seeds = len(table["settings"]["seeds"])
     sampled = "pass_at_1" in start
+    chosen = table["settings"].get("chosen_settings") or {}
     k = start.get("pass_k", "k")
     head = f"{'':9}{'accuracy':>9}  {'95% interval':<16}"
     head += f"{'pass@1':>8}{f'pass@{k}':>8}" if sampled else ""
@@ -173,11 +174,14 @@ def summary_table(table: dict[str, Any]) -> str:
         if sampled and "pass_at_1" in row:
             line += f"{_percent(row['pass_at_1']['mean']):>8}{_percent(row['pass_at_k']['mean']):>8}"
         line += f"{row['chosen_change']['mean']:>+8.2f}{row['rejected_change']['mean']:>+9.2f}"
+        if chosen.get(row["objective"]):
+            line += "  " + ", ".join(f"{k} {v:g}" for k, v in chosen[row["objective"]].items())
         lines.append(line)
     caption = (
         f"held-out accuracy ({n} problems, greedy; 95% Wilson interval, {seeds} seed(s) pooled)"
         + (f"; pass@1 and pass@{k} from {k} samples at temperature 1" if sampled else "")
         + "; chosen / rejected: log-prob change from the start (train, last logging window, nats)"
+        + ("; last: the setting chosen on the validation split" if chosen else "")
     )
     return caption + "\n" + "\n".join(lines)
 
@@ -206,9 +210,9 @@ def write_markdown(path: Path, table: dict[str, Any]) -> None:
         f"Objectives {', '.join(settings['objectives'])}; seeds {settings['seeds']} (a seed changes the "
         "preference stage's data order only; SFT start, pairs and evaluation are shared). "
         f"{info['train_pairs']} training pairs ({info['pairs']}); {info['heldout_problems']} held-out "
-        f"problems, {info['heldout_pairs']} held-out pairs. Same hyperparameters for every objective: "
-        f"{shared}. Values: mean ± sample std over seeds; Δ = log pi - log pi_ref (summed over the "
-        "response, nats).",
+        f"problems, {info['heldout_pairs']} held-out pairs. Shared hyperparameters: {shared}"
+        + (_selection_text(settings) if settings.get("selection") else " (the same for every objective)")
+        + ". Values: mean ± sample std over seeds; Δ = log pi - log pi_ref (summed over the response, nats).",
         "",
         "```",
         summary_table(table),
@@ -230,6 +234,20 @@ def write_markdown(path: Path, table: dict[str, Any]) -> None:
         "",
     ]
     atomic_write_text(path, "\n".join(lines))
+
+
+def _selection_text(settings: dict[str, Any]) -> str:
+    parts = []
+    for objective, record in settings["selection"].items():
+        scores = ", ".join(
+            "/".join(f"{v:g}" for v in c["settings"].values()) + f": {100 * c['validation_accuracy']:.1f}%"
+            for c in record["candidates"]
+        )
+        parts.append(f"{objective} {record['chosen_tag']} ({scores})")
+    return (
+        "; per objective, the setting with the best validation accuracy (seed 0, greedy, validation "
+        "split) among the candidates: " + "; ".join(parts)
+    )
 
 
 def finite_json(value):
