@@ -76,6 +76,39 @@ def test_sampling_is_seeded_and_returns_n(tiny) -> None:
         generate(model, tokenizer, PROMPTS, num_samples=2)
 
 
+def test_decoding_in_bf16_uses_a_copy_and_leaves_the_model_as_it_was(tiny) -> None:
+    model, tokenizer = tiny
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    greedy_bf16 = generate(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=2, dtype=torch.bfloat16)
+    assert all(len(outputs) == 1 and isinstance(outputs[0], str) for outputs in greedy_bf16)
+    after = model.state_dict()
+    assert all(
+        after[name].dtype == torch.float32 and torch.equal(after[name], t) for name, t in before.items()
+    )
+    # the copy is a bf16 model: greedy text equals decoding a bf16 model directly
+    import copy
+
+    direct = copy.deepcopy(model).to(torch.bfloat16)
+    assert greedy_bf16 == generate(direct, tokenizer, PROMPTS, max_new_tokens=8, batch_size=2)
+
+
+def test_generation_benchmark_prints_its_contract_as_the_last_line(tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generation.py"
+    command = [sys.executable, str(script), "--model", "builtin:arith", "--prompts", "6", "--batch-size", "3",
+               "--max-new-tokens", "8", "--repeats", "1", "--threads", "1"]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["tokens_per_second"] > 0 and result["hf_generate_tokens_per_second"] > 0
+    assert result["speedup"] == pytest.approx(
+        result["tokens_per_second"] / result["hf_generate_tokens_per_second"]
+    )
+    assert result["prompts"] == 6 and len(result["repeats"]["miopt"]) == 1
+
+
 def _hand_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
     """log p(continuation | context) one token at a time, no batching, no cache."""
     context_ids = tokenizer(context)["input_ids"]

@@ -10,6 +10,7 @@ each prompt alone: left padding is masked and positions come from the attention 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -90,6 +91,7 @@ def generate(
     seed: int = 0,
     add_special_tokens: bool = True,
     progress: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> list[list[str]]:
     """Complete each prompt; returns, per prompt, ``num_samples`` completions (prompt excluded).
 
@@ -98,6 +100,8 @@ def generate(
     Neural Text Degeneration"), reproducibly for a given ``seed``. Each completion ends at the
     end-of-sequence token, at ``max_new_tokens``, or just before the first of the ``stop`` strings.
     ``batch_size`` counts prompts; with sampling a batch holds ``batch_size * num_samples`` rows.
+    ``dtype`` (e.g. ``torch.bfloat16``): decode with a copy of the model's weights in that dtype (the
+    model itself is not changed; fp32 -> bf16 -> fp32 would lose bits). None: the model's own.
     """
     if num_samples < 1:
         raise ValueError("num_samples must be at least 1")
@@ -116,6 +120,8 @@ def generate(
         raise ValueError(f"prompt {empty[0]} encodes to no tokens; give a non-empty prompt")
     order = sorted(range(len(prompts)), key=lambda index: -len(encoded[index]))
     results: list[list[str]] = [[] for _ in prompts]
+    if dtype is not None and dtype != next(model.parameters()).dtype:
+        model = copy.deepcopy(model).to(dtype)
     device = next(model.parameters()).device
     sampling: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
