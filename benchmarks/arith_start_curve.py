@@ -32,9 +32,9 @@ def main() -> None:
 
     from safetensors.torch import load_file
 
-    from miopt.builtin import build_model, build_tokenizer
     from miopt.evaluation import evaluate_arithmetic
-    from miopt.models import load_model
+    from miopt.model.builtin import build_model, build_tokenizer
+    from miopt.model.loading import load_model
     from miopt.tasks.default import DefaultTask, task_splits
 
     problems = getattr(task_splits(DefaultTask()), args.split)[: args.problems]

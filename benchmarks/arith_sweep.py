@@ -49,12 +49,12 @@ def main() -> None:
 
     from safetensors.torch import load_file
 
-    from miopt.checkpoint import atomic_write_json
-    from miopt.default_run import DEFAULT_PREFERENCE_OPTIONS, START_MODEL, on_policy_pairs
     from miopt.evaluation import evaluate_arithmetic
-    from miopt.models import load_model, load_tokenizer
+    from miopt.experiments.default_run import DEFAULT_PREFERENCE_OPTIONS, START_MODEL, on_policy_pairs
+    from miopt.model.loading import load_model, load_tokenizer
+    from miopt.run.atomic_io import atomic_write_json
     from miopt.tasks.default import DefaultTask, task_splits
-    from miopt.train import TrainOptions, train_on_examples
+    from miopt.training.preference import TrainOptions, train_on_examples
 
     task = DefaultTask()
     splits = task_splits(task)

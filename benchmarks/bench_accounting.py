@@ -54,13 +54,13 @@ def batch_accounting(
     bf16: bool = False,
 ) -> list[dict]:
     """Per step: sequence tokens and FLOPs (useful; executed by TRL's padded batch; by miopt's layout,
-    with its lengths rounded to SHAPE_MULTIPLE in bf16 on CPU, as ``miopt.packing.rounds_shapes`` does)."""
+    with its lengths rounded to SHAPE_MULTIPLE in bf16 on CPU, as ``miopt.logprobs.packing.rounds_shapes`` does)."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
     from miopt.data.records import PreferenceRecord
     from miopt.data.tokenize import collate, tokenize_preferences
-    from miopt.packing import SHAPE_MULTIPLE, make_batch, round_up
+    from miopt.logprobs.packing import SHAPE_MULTIPLE, make_batch, round_up
 
     model_config = AutoConfig.from_pretrained(model_dir)
     # what make_batch looks at: the attention implementation a model loaded from this folder gets (sdpa

@@ -36,7 +36,7 @@ CONFIGS = {
 
 def training_order(num_pairs: int, spec: dict) -> list[int]:
     """The pair indices in the order miopt's loop visits them (its seeded data order)."""
-    from miopt.loop import DataOrder
+    from miopt.run.data_order import DataOrder
 
     order = DataOrder(num_pairs, spec["batch_size"], spec["seed"], 0, 1)
     return [i for step in range(num_pairs // spec["batch_size"]) for i in order.micro_batch(step)]
@@ -45,7 +45,7 @@ def training_order(num_pairs: int, spec: dict) -> list[int]:
 def build_bpe_tokenizer(texts, vocab_size: int):
     """A byte-level BPE tokenizer trained on ``texts`` (digits merged like any text), with pad/bos/eos/unk
     specials and no BOS added."""
-    from miopt.gsm8k_model import train_tokenizer
+    from miopt.experiments.gsm8k_model import train_tokenizer
 
     return train_tokenizer(texts, vocab_size, split_digits=False)
 
@@ -95,7 +95,7 @@ def gsm8k_pairs(work: Path, tokenizer, max_length: int) -> list[dict]:
 
 def prepare(config: Config, work: Path) -> tuple[Path, Path]:
     """The model folder (weights + tokenizer) and pairs file of ``config``, built once."""
-    from miopt.builtin import build_tokenizer
+    from miopt.model.builtin import build_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
     model_dir, pairs_file = work / "model", work / "pairs.jsonl"
@@ -135,7 +135,7 @@ def save_model_and_pairs(
     vocabulary."""
     import torch
 
-    from miopt.builtin import build_model
+    from miopt.model.builtin import build_model
 
     model = build_model(
         tokenizer,

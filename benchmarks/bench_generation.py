@@ -33,8 +33,8 @@ import torch
 
 
 def _prompts(count: int) -> list[str]:
-    from miopt.compare.smollm2 import SMOLLM2_TASK
     from miopt.evaluation.tasks import arithmetic_records
+    from miopt.experiments.compare.smollm2 import SMOLLM2_TASK
     from miopt.tasks.default import task_splits
 
     problems = task_splits(SMOLLM2_TASK).preference[:count]
@@ -85,8 +85,8 @@ def miopt_generate(model, tokenizer, prompts, *, batch_size: int, max_new_tokens
 
 
 def default_model() -> str:
-    from miopt.fetch import fetch
-    from miopt.gguf import to_folder
+    from miopt.model.fetch import fetch
+    from miopt.model.gguf import to_folder
 
     return str(to_folder(str(fetch("smollm2"))))  # fetched and converted on first use
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from miopt.models import load_model, load_tokenizer
+    from miopt.model.loading import load_model, load_tokenizer
 
     source = args.model or default_model()
     model, tokenizer = load_model(source), load_tokenizer(source)

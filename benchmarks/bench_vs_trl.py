@@ -139,10 +139,11 @@ def side_miopt(spec: dict) -> dict:
     from miopt import objectives
     from miopt.data.records import PreferenceRecord
     from miopt.data.tokenize import tokenize_preferences
-    from miopt.logprobs import DEFAULT_CHUNK_TOKENS
-    from miopt.loop import LoopOptions, make_accelerator, run_loop
-    from miopt.reference import compute_reference_logps
-    from miopt.train import PreferenceData, make_step_function
+    from miopt.logprobs.forward import DEFAULT_CHUNK_TOKENS
+    from miopt.logprobs.reference import compute_reference_logps
+    from miopt.run.engine import make_accelerator
+    from miopt.run.loop import LoopOptions, run_loop
+    from miopt.training.preference import PreferenceData, make_step_function
 
     imported = rss_mb()
     pairs = [json.loads(line) for line in Path(spec["pairs"]).read_text().splitlines()]

@@ -6,7 +6,7 @@
 Steps (each in its own subprocess with its own time budget; a failure is recorded and the next step
 runs; docs/gpu.md describes each and the report):
 
-* ``cuda_tests``: ``pytest -m cuda tests/test_cuda.py`` (layouts against padded in fp32 and bf16, the
+* ``cuda_tests``: ``pytest -m cuda tests/run/test_cuda.py`` (layouts against padded in fp32 and bf16, the
   fused chunked head, generation with a KV cache, ``miopt train --bf16`` with save, resume, reload);
 * ``fsdp``: ``miopt train`` under Accelerate FSDP2 with one process (full state dict on save, resume)
   against the same run without FSDP: equal losses and weights;
@@ -137,13 +137,13 @@ def versions() -> dict:
 
 
 def step_cuda_tests(out: Path, work: Path, dry: bool, log: Path) -> dict:
-    """``pytest -m cuda tests/test_cuda.py``; on the dry run the same tests on the CPU."""
+    """``pytest -m cuda tests/run/test_cuda.py``; on the dry run the same tests on the CPU."""
     xml = out / "cuda_tests.xml"
     env = child_env()
     if dry:
         env["MIOPT_TEST_DEVICE"] = "cpu"
     command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"]
-    command += [str(ROOT / "tests" / "test_cuda.py"), f"--junitxml={xml}", "-o", "addopts="]
+    command += [str(ROOT / "tests" / "run" / "test_cuda.py"), f"--junitxml={xml}", "-o", "addopts="]
     sys.stdout.flush()
     completed = subprocess.run(command, cwd=ROOT, env=env)  # its output goes straight to the log
     return summarise_junit(xml, completed.returncode)
@@ -190,7 +190,7 @@ def step_throughput(out: Path, work: Path, dry: bool, log: Path) -> dict:
 
 
 TOY_DEFAULT = (
-    "from miopt.default_run import DefaultTask, run_default; from miopt.train import TrainOptions; "
+    "from miopt.experiments.default_run import DefaultTask, run_default; from miopt.training.preference import TrainOptions; "
     "task = DefaultTask(pool_problems=72, validation_problems=8, preference_prompts=64, heldout_problems=8, "
     "max_new_tokens=40); "
     "options = TrainOptions(progress=False, max_steps=2, batch_size=8, logging_steps=1); "
@@ -265,7 +265,7 @@ def run_step(name: str, out: Path, work: Path, dry: bool, budget: float, log: Pa
 
 
 def child_main(name: str, out: Path, work: Path, dry: bool, log: Path) -> int:
-    from miopt.checkpoint import atomic_write_json
+    from miopt.run.atomic_io import atomic_write_json
 
     print(f"== step {name} ({'cpu dry run' if dry else 'gpu'}) ==", flush=True)
     result = STEP_FUNCTIONS[name](out, work, dry, log)
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["versions"] = versions()
     report["steps"] = {}
-    from miopt.checkpoint import atomic_write_json
+    from miopt.run.atomic_io import atomic_write_json
 
     budgets = DRY_BUDGETS if dry else BUDGETS
     print(f"gpu_check ({report['mode']}): {report['versions']['gpu'] or 'cpu'}; log {log}", flush=True)

@@ -1,7 +1,7 @@
 """The FSDP step of ``gpu_check.py``: ``miopt train`` under Accelerate FSDP2 with one process against the
 same run without FSDP.
 
-Launched as ``tests/test_distributed.py`` launches its runs (``accelerate launch --config_file ...
+Launched as ``tests/run/test_distributed.py`` launches its runs (``accelerate launch --config_file ...
 -m miopt train``), with ``examples/accelerate/fsdp.yaml`` changed to one process, in two variants:
 checkpoints as ``FULL_STATE_DICT`` (gathered) and as the shipped ``SHARDED_STATE_DICT``. The final
 model is saved from the full state dict in both (miopt gathers it). Runs, each 4 steps with a
@@ -55,7 +55,7 @@ def one_process_config(target: Path, state_dict_type: str) -> Path:
 def _assets(work: Path) -> tuple[Path, Path]:
     from bench_assets import tiny_pairs
 
-    from miopt.builtin import build_model, build_tokenizer
+    from miopt.model.builtin import build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     model_dir, data = work / "model", work / "pairs.jsonl"

@@ -5,7 +5,7 @@ The sides and their timing are ``bench_vs_trl.py``'s, the FLOP accounting and th
 in its own subprocess, same pairs in the same order, same batch, length, optimizer and objective);
 this module only builds the assets from what ships in the repository and condenses the figures:
 
-* model: :func:`miopt.builtin.build_model` (Llama, hidden 1024, 20 layers, 16 heads, FFN 4096, tied
+* model: :func:`miopt.model.builtin.build_model` (Llama, hidden 1024, 20 layers, 16 heads, FFN 4096, tied
   embeddings), random weights, vocabulary padded to 32,000 rows (~370M parameters);
 * tokenizer: byte-level BPE trained here on the texts of the shipped pairs;
 * pairs: ``benchmarks/data/gsm8k_pairs.jsonl`` (160 GSM8K pairs: ``miopt data gsm8k-pairs`` on
@@ -125,7 +125,7 @@ def run_throughput(work: Path, dry: bool, partial: Path, packing: str = "shared-
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "sides": {},
     }
-    from miopt.checkpoint import atomic_write_json
+    from miopt.run.atomic_io import atomic_write_json
 
     sides = [("miopt", packing), ("trl", "padded")]  # miopt first: its figures survive a TRL overrun
     for name, layout in sides:

@@ -7,7 +7,7 @@
 Every method starts from the same policy (``--start``: ``sft`` = the cached built-in SFT start that
 ``miopt online --data arithmetic`` uses today, ``builtin`` = the untrained built-in model, or any
 folder / hub id / name ``miopt online --model`` accepts), and sees the same prompts in the same order
-(round ``r`` takes the prompts ``miopt.online_pairs.round_prompts`` gives it), the same number of
+(round ``r`` takes the prompts ``miopt.online.pairs.round_prompts`` gives it), the same number of
 samples per prompt ``K``, the same sampling settings (temperature, top-p, most new tokens) and the
 same reward: the built-in verifier (``miopt.evaluation.answers``' arithmetic check, 1 for a correct
 final answer, else 0).
@@ -22,7 +22,7 @@ final answer, else 0).
   ``beta=0.05``). Generation ends at the end-of-sequence token (the SFT start ends every solution
   with it); the reward cuts the completion at the task's stop string (a newline) as miopt does.
 
-Held-out greedy accuracy (the evaluation harness, ``miopt.online.heldout_accuracy``) is measured
+Held-out greedy accuracy (the evaluation harness, ``miopt.online.rounds.heldout_accuracy``) is measured
 before training and after every round, not counted in the wall time. Reported per point: samples
 drawn so far and training wall time (sampling + scoring + updates); for the preference methods also
 the chosen log-prob change of each round (the mean over the round's pairs of the chosen response's
@@ -86,16 +86,16 @@ def resolve_start(settings: Settings, work: Path) -> str:
     """A model folder for ``--start`` (TRL needs a folder): ``sft`` -> the start ``miopt online --data
     arithmetic`` uses (the shipped ``builtin:arith``); ``builtin`` -> the untrained built-in model saved
     once; a shipped name -> its package folder; anything else as given."""
-    from miopt.models import resolve_model
+    from miopt.model.loading import resolve_model
 
     if settings.start == "sft":
-        from miopt.online import OnlineOptions, _starting_policy
+        from miopt.online.rounds import OnlineOptions, _starting_policy
 
         return resolve_model(_starting_policy(OnlineOptions(model=None, data="arithmetic"), progress=False))
     if settings.start == "builtin":
         folder = work / "start-builtin"
         if not (folder / "config.json").is_file():
-            from miopt.builtin import build_model, build_tokenizer
+            from miopt.model.builtin import build_model, build_tokenizer
 
             tokenizer = build_tokenizer()
             build_model(tokenizer, seed=settings.seed).save_pretrained(folder)
@@ -106,8 +106,8 @@ def resolve_start(settings: Settings, work: Path) -> str:
 
 def task_records(settings: Settings):
     """(the prompts of rounds 1..R in order, the held-out records): as ``miopt online`` picks them."""
-    from miopt.online import OnlineOptions, load_task
-    from miopt.online_pairs import round_prompts
+    from miopt.online.pairs import round_prompts
+    from miopt.online.rounds import OnlineOptions, load_task
 
     task = load_task(OnlineOptions(data="arithmetic", eval_limit=settings.eval_limit))
     ordered = []
@@ -174,9 +174,9 @@ def chosen_logp_changes(folder: Path, rounds: int) -> dict[int, float]:
     import torch
 
     from miopt.data.tokenize import collate, tokenize_examples
-    from miopt.logprobs import pair_logps
-    from miopt.models import load_model, load_tokenizer
-    from miopt.online_output import round_dir
+    from miopt.logprobs.forward import pair_logps
+    from miopt.model.loading import load_model, load_tokenizer
+    from miopt.online.output import round_dir
 
     start = json.loads((folder / "online.json").read_text())["start_model"]
     previous_path = str(round_dir(folder, 0)) if start == "builtin" else start
@@ -216,7 +216,7 @@ def run_trl_side(method: str, settings: Settings, start: str, folder: Path) -> d
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from miopt.online import heldout_accuracy
+    from miopt.online.rounds import heldout_accuracy
 
     prompts, heldout = task_records(settings)
     tokenizer = AutoTokenizer.from_pretrained(start)
@@ -336,7 +336,7 @@ def _cell(value, digits: int = 3) -> str:
 
 
 def write_outputs(out: Path, settings: Settings, start: str, results: list[dict]) -> list[dict]:
-    from miopt.checkpoint import atomic_write_json, atomic_write_text
+    from miopt.run.atomic_io import atomic_write_json, atomic_write_text
 
     rows = [summarise(result) for result in results]
     atomic_write_json(
@@ -369,7 +369,7 @@ def plot(path: Path, results: list[dict], settings: Settings) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from miopt.plots import save_figure
+    from miopt.run.plots import save_figure
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for result in results:

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from miopt.logprobs import chunked_token_stats
+from miopt.logprobs.forward import chunked_token_stats
 
 
 def main() -> None:

@@ -20,14 +20,14 @@ def isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from miopt.builtin import build_tokenizer
+    from miopt.model.builtin import build_tokenizer
 
     return build_tokenizer()
 
 
 @pytest.fixture
 def tiny_model(tokenizer):
-    from miopt.builtin import build_model
+    from miopt.model.builtin import build_model
 
     return build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0)
 
@@ -60,7 +60,7 @@ def pairs_file(tmp_path) -> Path:
 @pytest.fixture
 def small_model_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny model saved as a Hugging Face folder (the code path real checkpoints take)."""
-    from miopt.builtin import build_model
+    from miopt.model.builtin import build_model
 
     folder = tmp_path_factory.mktemp("tiny-model")
     build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0).save_pretrained(folder)

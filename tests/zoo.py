@@ -1,4 +1,4 @@
-"""Tiny random models of eleven architecture families (tests/test_zoo.py, tests/test_fast_paths.py)."""
+"""Tiny random models of eleven architecture families (tests/logprobs/test_model_families.py, tests/logprobs/test_fast_paths.py)."""
 
 from __future__ import annotations
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import shlex
 import sys
 
 from miopt.errors import MioptError
-from miopt.preemption import Interrupted, Preempted, exit_status, signal_name, sigterm_raises
+from miopt.run.preemption import Interrupted, Preempted, exit_status, signal_name, sigterm_raises
+from miopt.run.ranks import is_main_process
 
 COMMANDS = {
     "train": "miopt.commands.train",
@@ -79,7 +79,7 @@ def resume_hint(args: argparse.Namespace, argv: list[str]) -> str:
 
 
 def _report(text: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not one per process
+    if is_main_process():  # one line per run, not one per process
         print(text, file=sys.stderr, flush=True)
 
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_raises():
             if getattr(args, "output_dir", None):  # every command: a file there is an error before any work
-                from miopt.run_folder import check_output_dir
+                from miopt.run.run_folder import check_output_dir
 
                 check_output_dir(args.output_dir)
             return int(args._run(args) or 0)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         _report(f"{name}: interrupted; {resume_hint(args, argv)}")
         return 130
     except OSError as error:
-        from miopt.checkpoint import write_problem
+        from miopt.run.atomic_io import write_problem
 
         problem = write_problem(error)
         if problem is None:

@@ -9,15 +9,22 @@ HELP = "Compare objectives (default dpo, mio; 'sft' = continued-SFT control) ove
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from miopt.compare import CompareOptions
     from miopt.config import add_options
+    from miopt.experiments.compare import CompareOptions
 
     add_options(parser, CompareOptions)
 
 
 def run(args: argparse.Namespace) -> int:
-    from miopt.compare import PLOTS, TABLE_JSON, TABLE_MD, CompareOptions, run_compare, summary_table
     from miopt.config import resolve
+    from miopt.experiments.compare import (
+        PLOTS,
+        TABLE_JSON,
+        TABLE_MD,
+        CompareOptions,
+        run_compare,
+        summary_table,
+    )
 
     options = resolve(CompareOptions, args)
     table = run_compare(options)

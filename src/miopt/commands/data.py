@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_gsm8k_pairs(args: argparse.Namespace) -> int:
     from miopt.evaluation.gsm8k_pairs import EVAL_FILE, HELDOUT_FILE, TRAIN_FILE, convert_gsm8k_pairs
-    from miopt.run_folder import check_output_dir
+    from miopt.run.run_folder import check_output_dir
 
     options = resolve(Gsm8kPairsOptions, args)
     if not options.input:

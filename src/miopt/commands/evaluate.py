@@ -60,12 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(name: str, *, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
-    """(model, tokenizer) of a folder, hub id or 'builtin' / 'builtin:arith', through :mod:`miopt.models` (the loader every
+    """(model, tokenizer) of a folder, hub id or 'builtin' / 'builtin:arith', through :mod:`miopt.model.loading` (the loader every
     command uses), on ``device`` (``auto``: CUDA when available)."""
     import torch
 
-    from miopt.models import load_model as load
-    from miopt.models import load_tokenizer
+    from miopt.model.loading import load_model as load
+    from miopt.model.loading import load_tokenizer
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,8 +77,8 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto") -> tuple
 def check_eval_options(options: EvalOptions) -> None:
     """Range checks of the numeric options and the output folder, before anything is loaded."""
     from miopt.errors import require
-    from miopt.models import check_model_source
-    from miopt.run_folder import check_output_dir
+    from miopt.model.loading import check_model_source
+    from miopt.run.run_folder import check_output_dir
 
     o = options
     check_model_source(o.model)
@@ -94,9 +94,9 @@ def check_eval_options(options: EvalOptions) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from miopt.evaluation.io import write_json_atomic, write_jsonl_atomic
     from miopt.evaluation.runner import EvalSettings, evaluate
     from miopt.evaluation.tasks import few_shot_prefix, load_records
+    from miopt.run.atomic_io import atomic_write_json, atomic_write_jsonl
 
     options = resolve(EvalOptions, args)
     if not options.model:
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{key} {value:.4f}")
     if options.output_dir:
         output = Path(options.output_dir)
-        write_json_atomic(output / "summary.json", summary)
-        write_jsonl_atomic(output / "predictions.jsonl", predictions)
+        atomic_write_json(output / "summary.json", summary)
+        atomic_write_jsonl(output / "predictions.jsonl", predictions)
         print(f"wrote {output / 'summary.json'} and {output / 'predictions.jsonl'}", file=sys.stderr)
     return 0

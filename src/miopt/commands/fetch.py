@@ -11,7 +11,7 @@ HELP = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from miopt.fetch import KNOWN
+    from miopt.model.fetch import KNOWN
 
     parser.add_argument("name", choices=sorted(KNOWN), help="The model to fetch.")
     parser.add_argument(
@@ -27,14 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from miopt.fetch import KNOWN, fetch
+    from miopt.model.fetch import KNOWN, fetch
 
     path = fetch(args.name, args.cache_dir)
     spec = KNOWN[args.name]
     print(f"[miopt fetch] {spec.hub_id} ({spec.license}): use --model {path}", file=sys.stderr)
     print(path)
     if args.convert:
-        from miopt import gguf
+        from miopt.model import gguf
 
         print(gguf.to_folder(str(path), args.cache_dir))
     return 0

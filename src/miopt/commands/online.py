@@ -1,4 +1,4 @@
-"""``miopt online``: online MIO with verifiable rewards (sample, verify, pair, update; miopt.online)."""
+"""``miopt online``: online MIO with verifiable rewards (sample, verify, pair, update; miopt.online.rounds)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ HELP = "Online MIO with verifiable rewards: rounds of sampling K responses, veri
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from miopt.config import add_options
-    from miopt.online import OnlineOptions
+    from miopt.online.rounds import OnlineOptions
 
     add_options(parser, OnlineOptions)
 
 
 def run(args: argparse.Namespace) -> int:
     from miopt.config import resolve
-    from miopt.online import ARITHMETIC, BUILTIN_DEFAULTS, OnlineOptions, run_online
+    from miopt.online.rounds import ARITHMETIC, BUILTIN_DEFAULTS, OnlineOptions, run_online
 
     options = resolve(OnlineOptions, args)
     if options.model is None and options.data == ARITHMETIC:

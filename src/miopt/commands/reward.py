@@ -1,4 +1,4 @@
-"""``miopt reward``: train a Bradley-Terry reward model on preference data (miopt.reward)."""
+"""``miopt reward``: train a Bradley-Terry reward model on preference data (miopt.training.reward)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ HELP = "Train a Bradley-Terry reward model (one-score sequence classifier) on pr
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from miopt.config import add_options
-    from miopt.reward import RewardOptions
+    from miopt.training.reward import RewardOptions
 
     add_options(parser, RewardOptions)
 
 
 def run(args: argparse.Namespace) -> int:
     from miopt.config import resolve
-    from miopt.reward import RewardOptions, train_reward
+    from miopt.training.reward import RewardOptions, train_reward
 
     options = resolve(RewardOptions, args)
     summary = train_reward(options)

@@ -9,14 +9,14 @@ HELP = "Supervised fine-tuning on prompt/completion data (how a reference model 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from miopt.config import add_options
-    from miopt.sft import SFTOptions
+    from miopt.training.sft import SFTOptions
 
     add_options(parser, SFTOptions)
 
 
 def run(args: argparse.Namespace) -> int:
     from miopt.config import resolve
-    from miopt.sft import SFTOptions, sft
+    from miopt.training.sft import SFTOptions, sft
 
     options = resolve(SFTOptions, args)
     sft(options)

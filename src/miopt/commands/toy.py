@@ -1,6 +1,6 @@
 """``miopt toy``: the discrete toy of docs/theory.md sections 2-3, in seconds on a CPU.
 
-Runs :mod:`miopt.toy` for each objective (offline pair; on-policy without and with injection), writes
+Runs :mod:`miopt.experiments.toy` for each objective (offline pair; on-policy without and with injection), writes
 ``toy_offline.png``, ``toy_onpolicy.png`` and ``toy.json`` to ``--output-dir`` (each written to a
 temporary file and then renamed, so a reader never sees a half-written file) and prints a short
 table of the numbers.
@@ -11,15 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from miopt.config import add_options, option, resolve
 from miopt.errors import OptionError
+from miopt.run.atomic_io import atomic_write_text
+from miopt.run.plots import save_figure
 
 HELP = (
     "Discrete toy: a softmax policy trained with each objective (offline pair and on-policy); plots and JSON."
@@ -71,24 +70,6 @@ def _validate(options: ToyOptions) -> None:
         raise OptionError(f"--lr must be positive, got {options.lr}")
 
 
-def write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(temp_path)`` on a temporary file next to ``path``, then rename it onto ``path``.
-
-    The file gets the permissions an ordinary ``open`` would give it (``mkstemp`` makes it 0600).
-    """
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(temp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def _colours(names: list[str]) -> dict[str, Any]:
     from matplotlib import colormaps
 
@@ -130,7 +111,7 @@ def plot_offline(results: Any, path: Path) -> None:
         "Offline toy: one preference pair whose responses share a large feature "
         f"(beta={settings['beta']}, SGD lr={settings['lr']}, {settings['steps']} steps)"
     )
-    write_atomic(path, lambda temp: fig.savefig(temp, format="png", dpi=110))
+    save_figure(fig, path)
 
 
 def plot_onpolicy(results: Any, path: Path) -> None:
@@ -183,7 +164,7 @@ def plot_onpolicy(results: Any, path: Path) -> None:
         f"({settings['samples_per_prompt']} samples/prompt/step, beta={settings['beta']}, "
         f"SGD lr={settings['lr']}, seed {settings['seed']})"
     )
-    write_atomic(path, lambda temp: fig.savefig(temp, format="png", dpi=110))
+    save_figure(fig, path)
 
 
 def _format_table(results: Any) -> str:
@@ -220,7 +201,7 @@ def _format_table(results: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     options = resolve(ToyOptions, args)
     _validate(options)
-    from miopt import toy
+    from miopt.experiments import toy
 
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -235,9 +216,7 @@ def run(args: argparse.Namespace) -> int:
     plot_offline(results, output_dir / OFFLINE_PNG)
     plot_onpolicy(results, output_dir / ONPOLICY_PNG)
     payload = json.dumps(results.to_dict(), indent=1)
-    write_atomic(
-        output_dir / RESULTS_JSON, lambda temp: Path(temp).write_text(payload + "\n", encoding="utf-8")
-    )
+    atomic_write_text(output_dir / RESULTS_JSON, payload + "\n")
     print(_format_table(results))
     print(f"wrote {output_dir / OFFLINE_PNG}, {output_dir / ONPOLICY_PNG}, {output_dir / RESULTS_JSON}")
     return 0

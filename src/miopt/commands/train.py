@@ -9,18 +9,18 @@ HELP = "Align a causal LM on preference data (MIO by default); no arguments: the
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from miopt.config import add_options
-    from miopt.train import TrainOptions
+    from miopt.training.preference import TrainOptions
 
     add_options(parser, TrainOptions)
 
 
 def run(args: argparse.Namespace) -> int:
     from miopt.config import load_yaml, resolve
-    from miopt.train import TrainOptions, train
+    from miopt.training.preference import TrainOptions, train
 
     options = resolve(TrainOptions, args)
     if options.model is None and options.data is None:
-        from miopt.default_run import DEFAULT_PREFERENCE_OPTIONS, run_default
+        from miopt.experiments.default_run import DEFAULT_PREFERENCE_OPTIONS, run_default
 
         # the default run's preset sits below the YAML file and the flags, which also win over the
         # settings each arm was tuned with

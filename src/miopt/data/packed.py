@@ -3,7 +3,7 @@
 The padded batch of :func:`miopt.data.tokenize.collate` repeats the prompt in every row (chosen and each
 rejected) and pads every row to the longest; the forward pass spends much of its time on those copies and
 that padding. The layouts here remove both, with log-probs equal to the padded ones (same maths, other
-floating-point summation order; tests/test_fast_paths.py, tests/test_zoo.py):
+floating-point summation order; tests/logprobs/test_fast_paths.py, tests/logprobs/test_model_families.py):
 
 ``"shared-prompt"`` (the default of ``miopt train``)
     Each example (prompt, chosen, K rejected) becomes one *prefix tree* of tokens: the prompt once, then
@@ -18,7 +18,7 @@ floating-point summation order; tests/test_fast_paths.py, tests/test_zoo.py):
 
 This module only arranges token ids on the host (numpy): trees, bins of units per row, masks, and every
 index the log-prob gather needs, so the step issues no device-to-host synchronisation of its own. Which
-arrangement a model takes is decided by :func:`miopt.packing.plan`.
+arrangement a model takes is decided by :func:`miopt.logprobs.packing.plan`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ ATTENTION_LAYOUTS = ("blocks", "mask", "positions")
 
 class AttentionBlocks(list):
     """``(start, stop, mask)`` per unit of a one-row batch, for miopt's block attention
-    (:mod:`miopt.attention`; ``mask`` ``[1, 1, n, n]`` bool, or None for a causal sequence).
+    (:mod:`miopt.model.attention`; ``mask`` ``[1, 1, n, n]`` bool, or None for a causal sequence).
     ``calls`` counts the attention calls that consumed it: a forward that never did ignored the blocks."""
 
     calls: int = 0
@@ -260,14 +260,14 @@ def collate_packed(
     ``attention``: how the units are kept apart:
 
     - ``"blocks"``: every unit in one row, no padding at all; the attention runs unit by unit
-      (:mod:`miopt.attention`, sdpa);
+      (:mod:`miopt.model.attention`, sdpa);
     - ``"mask"``: units packed into rows (first-fit decreasing) with a 4D mask (any attention that takes one);
     - ``"positions"``: rows as for ``"mask"`` but no mask (``share_prompt=False`` only): the model derives
       the block-diagonal causal mask from the position ids (flash attention's variable-length path).
 
     ``row_length``: capacity of a row in tokens for ``"mask"``/``"positions"`` (default: the largest unit;
     a larger value fills rows better but costs attention over the masked-out blocks).
-    ``pad_to_multiple_of``: the row width is rounded up to this multiple (:func:`miopt.modeling.rounds_shapes`).
+    ``pad_to_multiple_of``: the row width is rounded up to this multiple (:func:`miopt.model.modeling.rounds_shapes`).
     """
     if attention not in ATTENTION_LAYOUTS:
         raise ValueError(f"unknown attention layout {attention!r}")

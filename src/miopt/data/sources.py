@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,18 @@ def read_rows(source: str | Path, *, split: str = "train") -> tuple[str, list[Ra
     if not rows:
         raise DataError("the data source is empty: it holds no records", source=name)
     return name, rows
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSON Lines file, for readers that stop at the
+    first bad line (``miopt eval``'s records, GSM8K files): its ``DataError`` names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found", source=str(path))
+    for row in _jsonl_rows(str(path), path.read_bytes()):
+        if row.error is not None:
+            raise row.error
+        yield int(row.location.rsplit(":", 1)[1]), row.values
 
 
 def _looks_local(name: str, path: Path) -> bool:

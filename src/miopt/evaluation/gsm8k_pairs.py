@@ -19,10 +19,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from miopt.data.sources import read_jsonl
 from miopt.errors import DataError
 from miopt.evaluation.answers import format_number, gsm8k_reference
-from miopt.evaluation.io import write_json_atomic, write_jsonl_atomic
-from miopt.evaluation.tasks import read_jsonl
+from miopt.run.atomic_io import atomic_write_json, atomic_write_jsonl
 from miopt.tasks.gsm8k import gsm8k_prompt
 
 TRAIN_FILE = "pairs_train.jsonl"
@@ -143,9 +143,9 @@ def convert_gsm8k_pairs(
         {"question": questions[i]["question"], "answer": questions[i]["answer"]} for i in heldout_indices
     ]
     output_dir = Path(output_dir)
-    write_jsonl_atomic(output_dir / TRAIN_FILE, train_rows)
-    write_jsonl_atomic(output_dir / HELDOUT_FILE, heldout_rows)
-    write_jsonl_atomic(output_dir / EVAL_FILE, eval_rows)
+    atomic_write_jsonl(output_dir / TRAIN_FILE, train_rows)
+    atomic_write_jsonl(output_dir / HELDOUT_FILE, heldout_rows)
+    atomic_write_jsonl(output_dir / EVAL_FILE, eval_rows)
     counts = {
         "questions": len(questions),
         "train_questions": len(train_indices),
@@ -164,5 +164,5 @@ def convert_gsm8k_pairs(
         "files": {"train": TRAIN_FILE, "heldout": HELDOUT_FILE, "eval": EVAL_FILE},
         "counts": counts,
     }
-    write_json_atomic(output_dir / MANIFEST_FILE, manifest)
+    atomic_write_json(output_dir / MANIFEST_FILE, manifest)
     return counts

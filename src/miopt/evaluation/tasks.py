@@ -22,13 +22,13 @@ The built-in arithmetic task is named ``arithmetic`` (held-out problems of
 
 from __future__ import annotations
 
-import json
 import string
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from miopt.data.sources import read_jsonl
 from miopt.errors import DataError
 from miopt.evaluation.answers import (
     ANSWER_TYPES,
@@ -45,7 +45,7 @@ from miopt.tasks.gsm8k import gsm8k_prompt
 CHOICE_PROMPT = "Question: {question}\nAnswer:"
 """The context for question-style multiple-choice records; each choice follows after a space."""
 
-# The embedded default's split (miopt.default_run.DefaultTask: 20,000 SFT + 4,800 preference problems,
+# The embedded default's split (miopt.experiments.default_run.DefaultTask: 20,000 SFT + 4,800 preference problems,
 # 1,000 held out, seed 0), so `miopt eval --data arithmetic` scores its model on problems it never saw.
 ARITHMETIC_DEFAULTS = {"n_train": 24800, "n_heldout": 1000, "seed": 0}
 
@@ -72,30 +72,6 @@ class EvalRecord:
     @property
     def is_choice(self) -> bool:
         return self.choices is not None
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; DataError names the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError("file not found", source=str(path))
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(
-                    f"not UTF-8 text (byte {error.start} of the line)", source=f"{path}:{number}"
-                ) from error
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"not valid JSON: {error.msg}", source=f"{path}:{number}") from error
-            if not isinstance(record, dict):
-                raise DataError("expected a JSON object", source=f"{path}:{number}")
-            yield number, record
 
 
 def _text(record: dict[str, Any], name: str, where: str) -> str:

@@ -11,12 +11,12 @@
   log sum_v pi(v)^2])``, detached. It needs, per response, the mean over its tokens of
   ``log pi(y_t) - log sum_v pi(v)^2`` (``chosen_wpo_logps``, ``rejected_wpo_logps``;
   :func:`wpo_token_terms`), which ``miopt train`` takes from the log-prob head's same pass
-  (:mod:`miopt.weighted_pairs`).
+  (:mod:`miopt.logprobs.weighted_pairs`).
 * ``ld_alpha`` (LD-DPO, Liu et al. 2024, "Length Desensitization in Directed Preference
   Optimization"): summed log-probs replaced by ``shared + alpha * tail``, the tokens up to the shorter
   response's length counted fully and the rest weighted by ``alpha`` (:func:`ld_logps`), for the
   policy and the reference alike. ``miopt train`` applies it in the step function
-  (:mod:`miopt.length_desensitised`); the reference cache keeps each response's tail sum for it.
+  (:mod:`miopt.logprobs.length_desensitised`); the reference cache keeps each response's tail sum for it.
 """
 
 from __future__ import annotations
