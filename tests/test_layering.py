@@ -108,3 +108,34 @@ def test_eval_loads_through_the_one_model_loader(monkeypatch, tokenizer):
     model, loaded_tokenizer = load_model("builtin", device="cpu")
     assert calls == ["builtin"] and loaded_tokenizer.pad_token_id is not None
     assert model.config.vocab_size == len(tokenizer)
+
+
+def test_only_the_entry_points_sit_outside_a_package():
+    top = sorted(path.name for path in (SOURCE / "miopt").glob("*.py"))
+    assert top == ["__init__.py", "__main__.py", "cli.py", "config.py", "errors.py"]
+
+
+def test_moved_modules_import_under_their_old_names_as_the_same_module():
+    import importlib
+    import warnings
+
+    import miopt
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old_train = importlib.import_module("miopt.train")
+        old_runs = importlib.import_module("miopt.compare.runs")
+    from miopt.experiments.compare import runs
+    from miopt.training import preference
+
+    assert old_train is preference and old_runs is runs
+    assert any("miopt.training.preference" in str(w.message) for w in caught)
+    assert all(w.category is DeprecationWarning for w in caught)
+    for old, new in miopt.MOVED_MODULES.items():  # every old name leads somewhere real
+        assert (SOURCE / "miopt" / (new.replace(".", "/") + ".py")).is_file() or (
+            SOURCE / "miopt" / new.replace(".", "/") / "__init__.py"
+        ).is_file(), old
+    from miopt.logprobs import sequence_logps
+    from miopt.logprobs.forward import sequence_logps as forward_sequence_logps
+
+    assert sequence_logps is forward_sequence_logps

@@ -272,7 +272,7 @@ def test_training_step_losses_metrics_and_gradients_equal_padded(tokenizer, obje
             for parameter in model.parameters():
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
         step = make_step_function(
-            objectives.get(objective_name),
+            objectives.build(objective_name),
             PreferenceData(examples, reference),
             beta=0.5,
             pad_token_id=pad,

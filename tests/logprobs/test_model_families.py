@@ -77,7 +77,7 @@ def test_every_layout_gives_the_same_loss_logps_and_gradients(family, zoo, token
     results = {}
     for packing in PACKINGS:
         step = make_step_function(
-            objectives.get("mio"),
+            objectives.build("mio"),
             PreferenceData(examples, reference),
             beta=0.5,
             pad_token_id=pad,

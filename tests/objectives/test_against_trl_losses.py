@@ -19,7 +19,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from miopt.objectives import BCO, dv, get, hinge, ipo, js, robust
+from miopt.objectives import BCO, build, dv, hinge, ipo, js, robust
 
 dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer", reason="trl is not installed")
 DPOTrainer = dpo_trainer.DPOTrainer
@@ -164,8 +164,8 @@ def test_js_matches_trl_nca_pair(beta):
 
 
 def test_registry_aliases_match_trl():
-    assert_same_as_trl("sigmoid", lambda: get("dpo"), beta=0.1, seed=3)
-    assert_same_as_trl("nca_pair", lambda: get("mio"), beta=0.1, seed=4)
+    assert_same_as_trl("sigmoid", lambda: build("dpo"), beta=0.1, seed=3)
+    assert_same_as_trl("nca_pair", lambda: build("mio"), beta=0.1, seed=4)
 
 
 def test_hinge_matches_trl_hinge():
@@ -389,7 +389,7 @@ def test_trl_loss_type_names_resolve_to_the_same_loss():
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 def test_sigmoid_norm_matches_trl_with_real_lengths(beta):
     """TRL divides each log-ratio by the completion-mask token count; miopt by the response length: the same."""
-    from miopt.objectives import compute, get
+    from miopt.objectives import build, compute
 
     n = 6
     g = torch.Generator().manual_seed(40)
@@ -408,7 +408,7 @@ def test_sigmoid_norm_matches_trl_with_real_lengths(beta):
     leaf2 = per_token.clone().requires_grad_(True)
     summed = (leaf2 * mask[:, 1:]).sum(-1)
     ours = compute(
-        get("sigmoid_norm"), summed[:n], summed[n:], rc, rr, beta=beta,
+        build("sigmoid_norm"), summed[:n], summed[n:], rc, rr, beta=beta,
         chosen_lengths=lengths[:n], rejected_lengths=lengths[n:],
     ).losses.mean()  # fmt: skip
     (ours_grad,) = torch.autograd.grad(ours, leaf2)

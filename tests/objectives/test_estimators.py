@@ -19,12 +19,11 @@ from miopt.objectives import (
     ObjectiveOutput,
     UnknownObjectiveError,
     available,
+    build,
     compute,
     dv,
-    get,
     hinge,
     ipo,
-    is_reference_free,
     is_unpaired,
     js,
     nwj,
@@ -54,7 +53,7 @@ def call(name: str, t_w, t_l, *, mask=None, lengths=None, objective=None, **opti
 
     Lengths are ones unless given (they only matter to simpo and the SFT term).
     """
-    objective = objective if objective is not None else get(name)
+    objective = objective if objective is not None else build(name)
     t_l = torch.as_tensor(t_l)
     chosen_lengths = torch.ones(t_w.shape[0], dtype=DTYPE) if lengths is None else lengths[0]
     rejected_lengths = torch.ones(t_l.shape, dtype=DTYPE) if lengths is None else lengths[1]
@@ -107,8 +106,8 @@ def test_dv_equals_dpo_sigmoid_loss_and_its_gradient(beta):
 
 
 def test_dpo_alias_is_dv_and_mio_alias_is_js():
-    assert get("dpo") is dv
-    assert get("mio") is js
+    assert build("dpo").loss is dv and build("dpo").name == "dpo"
+    assert build("mio").loss is js and build("mio").name == "mio"
 
 
 @pytest.mark.parametrize("beta", [0.1, 1.0])
@@ -181,7 +180,7 @@ def test_finite_values_and_gradients_for_extreme_critics(name, dtype):
     t_w, t_l = torch.meshgrid(grid, grid, indexing="ij")
     t_w = t_w.reshape(-1).clone().requires_grad_(True)
     t_l = t_l.reshape(-1).clone().requires_grad_(True)
-    objective = get(name)
+    objective = build(name)
     for rejected in (t_l, torch.stack([t_l, t_l.flip(0), torch.zeros_like(t_l)], -1)):
         out = compute(
             objective,
@@ -268,7 +267,7 @@ def test_listwise_k1_equals_pairwise(name, sft_weight):
         pc_leaf = leaf(pc)
         pr_leaf = leaf(pr.unsqueeze(-1) if listwise else pr)
         out = compute(
-            get(name, sft_weight=sft_weight),  # fresh BCO state each time
+            build(name, sft_weight=sft_weight),  # fresh BCO state each time
             pc_leaf,
             pr_leaf,
             rc,
@@ -306,7 +305,7 @@ def test_masked_negatives_do_not_contribute(name, garbage):
     rr_dirty = torch.where(MASK, rr, fill)
     len_r_dirty = torch.where(MASK, len_r, fill)
 
-    objective = get(name)
+    objective = build(name)
     pc_leaf, pr_leaf = leaf(pc), leaf(pr_dirty)
     out = compute(
         objective,
@@ -327,7 +326,7 @@ def test_masked_negatives_do_not_contribute(name, garbage):
         real = MASK[b]
         pc_b, pr_b = leaf(pc[b : b + 1]), leaf(pr[b : b + 1, real])
         ref_out = compute(
-            get(name),
+            build(name),
             pc_b,
             pr_b,
             rc[b : b + 1],
@@ -346,10 +345,10 @@ def test_masked_negatives_do_not_contribute(name, garbage):
             )
     metrics = out.metrics()
     assert all(torch.isfinite(v) for v in metrics.values()), metrics
-    if isinstance(objective, BCO):
+    if isinstance(objective.state, BCO):
         # The running offset saw only real rewards.
         real_rewards = torch.cat([0.3 * (pc - rc), 0.3 * (pr - rr)[MASK]])
-        assert objective.offset == pytest.approx(real_rewards.mean().item(), rel=1e-12)
+        assert objective.state.offset == pytest.approx(real_rewards.mean().item(), rel=1e-12)
 
 
 def test_masked_negatives_listwise_forms():
@@ -534,7 +533,7 @@ def test_available_names():
 
 def test_unknown_name_error_lists_valid_names():
     with pytest.raises(ValueError) as info:
-        get("nope")
+        build("nope")
     assert isinstance(info.value, UnknownObjectiveError)
     message = str(info.value)
     assert "nope" in message
@@ -542,13 +541,13 @@ def test_unknown_name_error_lists_valid_names():
         assert name in message
 
 
-def test_get_bco_returns_fresh_independent_instances():
-    first, second = get("bco"), get("bco")
-    assert isinstance(first, BCO) and isinstance(second, BCO) and first is not second
+def test_build_bco_returns_fresh_independent_states():
+    first, second = build("bco"), build("bco")
+    assert isinstance(first.state, BCO) and isinstance(second.state, BCO) and first.state is not second.state
     call("bco", torch.tensor([2.0], dtype=DTYPE), torch.tensor([4.0], dtype=DTYPE), objective=first)
-    assert first.offset == pytest.approx(3.0)
-    assert second.offset == 0.0 and second.reward_count == 0
-    assert get("bco").offset == 0.0
+    assert first.state.offset == pytest.approx(3.0)
+    assert second.state.offset == 0.0 and second.state.reward_count == 0
+    assert build("bco").state.offset == 0.0
 
 
 @pytest.mark.parametrize("name", ["mio", "dpo", "simpo", "bco", "ipo", "nwj"])
@@ -561,7 +560,7 @@ def test_sft_term_adds_weighted_chosen_nll(name, weight):
     for w in (0.0, weight):
         pc_leaf = leaf(pc)
         out = compute(
-            get(name, sft_weight=w),
+            build(name, sft_weight=w),
             pc_leaf,
             pr,
             rc,
@@ -575,15 +574,23 @@ def test_sft_term_adds_weighted_chosen_nll(name, weight):
     (base, g_base), (with_sft, g_sft) = results
     torch.testing.assert_close(with_sft.losses - base.losses, weight * (-pc / len_c), **TOL)
     torch.testing.assert_close(g_sft - g_base, -weight / len_c, **TOL)
-    for field in ("mi_bound", "chosen_grad_weight", "rejected_grad_weight", "chosen_rewards"):
+    for field in ("mi_bound", "rejected_grad_weight", "chosen_rewards"):
         torch.testing.assert_close(getattr(with_sft, field), getattr(base, field), msg=field)
-    assert is_reference_free(get(name, sft_weight=weight)) == is_reference_free(get(name))
+    # -dL/dT_w gains the NLL term's own weight, w / (beta |y_w|): the logged weight is the sum's derivative
+    torch.testing.assert_close(
+        with_sft.chosen_grad_weight - base.chosen_grad_weight, weight / (0.1 * len_c), **TOL
+    )
+    assert build(name, sft_weight=weight).reference_free is False  # the NLL term reads no reference
+    assert (
+        set(with_sft.terms) == {name, "sft"}
+        and build(name, sft_weight=weight).name == f"{name}:1,sft:{weight:g}"
+    )
 
 
 def test_sft_weight_zero_and_negative():
-    assert get("mio", sft_weight=0.0) is js
+    assert build("mio", sft_weight=0.0).loss is js
     with pytest.raises(ValueError, match="sft_weight"):
-        get("mio", sft_weight=-1.0)
+        build("mio", sft_weight=-1.0)
 
 
 def test_simpo_ignores_reference_and_normalises_by_length():
@@ -591,8 +598,8 @@ def test_simpo_ignores_reference_and_normalises_by_length():
     len_c = torch.randint(1, 40, (8,), generator=generator(18)).to(DTYPE)
     len_r = torch.randint(1, 40, (8,), generator=generator(19)).to(DTYPE)
     beta, gamma = 2.0, 0.5
-    objective = get("simpo")
-    assert is_reference_free(objective) and not is_reference_free(get("dpo"))
+    objective = build("simpo")
+    assert objective.reference_free and not build("dpo").reference_free
     kwargs = dict(beta=beta, gamma=gamma, chosen_lengths=len_c, rejected_lengths=len_r)
     out = simpo(pc, pr, rc, rr, **kwargs)
     expected = -F.logsigmoid(beta * pc / len_c - beta * pr / len_r - gamma)
@@ -652,7 +659,7 @@ def test_ipo_and_hinge_closed_forms():
 
 def test_bco_offset_is_running_mean_of_rewards():
     g = generator(25)
-    objective = get("bco")
+    objective = build("bco")
     batches = [
         (torch.randn(4, generator=g, dtype=DTYPE) + 1, torch.randn(4, 2, generator=g, dtype=DTYPE) - 1),
         (torch.randn(3, generator=g, dtype=DTYPE) + 2, torch.randn(3, 2, generator=g, dtype=DTYPE)),
@@ -660,13 +667,13 @@ def test_bco_offset_is_running_mean_of_rewards():
     seen = []
     for t_w, t_neg in batches:
         delta = torch.cat(seen).mean().item() if seen else 0.0
-        assert objective.offset == pytest.approx(delta, rel=1e-12, abs=1e-15)
+        assert objective.state.offset == pytest.approx(delta, rel=1e-12, abs=1e-15)
         out = call("bco", t_w, t_neg, objective=objective)
         expected = -F.logsigmoid(t_w - delta) - F.logsigmoid(-(t_neg - delta)).mean(-1)
         torch.testing.assert_close(out.losses, expected, **TOL)
         seen += [t_w, t_neg.reshape(-1)]
-    assert objective.offset == pytest.approx(torch.cat(seen).mean().item(), rel=1e-12)
-    assert objective.offset != pytest.approx(0.0)
+    assert objective.state.offset == pytest.approx(torch.cat(seen).mean().item(), rel=1e-12)
+    assert objective.state.offset != pytest.approx(0.0)
     # The first call (offset 0) is js with negatives="rejected".
     t_w, t_neg = batches[0]
     torch.testing.assert_close(
@@ -674,8 +681,8 @@ def test_bco_offset_is_running_mean_of_rewards():
     )
     # The state round-trips: a restored instance continues exactly.
     restored = BCO()
-    restored.load_state_dict(objective.state_dict())
-    assert restored.offset == objective.offset
+    restored.load_state_dict(objective.state.state_dict())
+    assert restored.offset == objective.state.offset
     t_w, t_neg = batches[1]
     torch.testing.assert_close(
         call("bco", t_w, t_neg, objective=restored).losses,
@@ -688,7 +695,7 @@ def test_sft_objective_is_the_sft_loss_and_leaves_rejected_without_gradient():
     rejected = torch.tensor([[-12.0], [-18.0]], requires_grad=True)
     reference = torch.tensor([-11.0, -19.0]), torch.tensor([[-12.0], [-19.0]])
     lengths = torch.tensor([4, 6])
-    output = get("sft")(chosen, rejected, *reference, beta=0.5, chosen_lengths=lengths)
+    output = build("sft")(chosen, rejected, *reference, beta=0.5, chosen_lengths=lengths)
     # Per prompt, the chosen response's mean token NLL: 10 / 4 and 20 / 6.
     assert torch.allclose(output.losses, torch.tensor([10.0 / 4, 20.0 / 6]))
     output.losses.mean().backward()

@@ -26,7 +26,6 @@ from miopt.objectives import (
     dpop,
     dv,
     exo_pair,
-    get,
     is_unpaired,
     js,
     kto,
@@ -365,10 +364,18 @@ def test_options_reach_the_objective():
         build("dpo", {"negatives": "rejected"})(pc, pr, rc, rr, beta=0.2).losses,
         dv(pc, pr, rc, rr, beta=0.2, negatives="rejected").losses,
     )
-    # BCO keeps its state through the bound options wrapper (none here) and combinations.
+    # BCO's state is the combination's, saved under its term's name and restored into a fresh build.
     combined = build("bco:1,sft:1")
-    assert hasattr(combined, "state_dict")
+    pc, pr, rc, rr, _ = random_batch(seed=9)
+    combined(pc, pr, rc, rr, beta=0.2, chosen_lengths=torch.ones_like(pc))
+    saved = combined.state.state_dict()
+    assert set(saved) == {"bco"} and saved["bco"]["reward_count"] > 0
+    fresh = build("bco:1,sft:1")
+    fresh.state.load_state_dict(saved)
+    assert fresh.state.state_dict() == saved
+    assert build("mio").state is None
 
 
-def test_get_without_options_is_the_registered_function():
-    assert get("cal_dpo") is cal_dpo and get("sigmoid") is dv and get("nca_pair") is js
+def test_build_without_options_holds_the_registered_function():
+    assert build("cal_dpo").loss is cal_dpo and build("sigmoid").loss is dv and build("nca_pair").loss is js
+    assert build("sigmoid").name == "dpo" and build("nca_pair").name == "mio"

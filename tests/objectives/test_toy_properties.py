@@ -29,7 +29,7 @@ import math
 import pytest
 import torch
 
-from miopt.objectives import compute, get
+from miopt.objectives import build, compute
 
 DTYPE = torch.float64
 P = torch.tensor([0.30, 0.25, 0.15, 0.10, 0.12, 0.08], dtype=DTYPE)
@@ -55,7 +55,7 @@ def pairwise_bound(name: str, negatives: str, critic: torch.Tensor) -> tuple[tor
     i, j = i.reshape(-1), j.reshape(-1)
     weights = P[i] * Q[j]
     zeros = torch.zeros(i.numel(), dtype=DTYPE)
-    out = compute(get(name), critic[i], critic[j], zeros, zeros, beta=1.0, negatives=negatives)
+    out = compute(build(name), critic[i], critic[j], zeros, zeros, beta=1.0, negatives=negatives)
     return (weights * out.losses).sum(), (weights * out.mi_bound).sum()
 
 
@@ -63,7 +63,7 @@ def listwise_dv_bound(critic: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """Expected dv loss and mi_bound: row i = positive i, negatives = responses repeated 20 q_j times."""
     rejected = critic[Q_LIST].expand(N, -1)  # [N, 20]
     zeros_c, zeros_r = torch.zeros(N, dtype=DTYPE), torch.zeros(N, Q_LIST.numel(), dtype=DTYPE)
-    out = compute(get("dv"), critic, rejected, zeros_c, zeros_r, beta=1.0, negatives="rejected")
+    out = compute(build("dv"), critic, rejected, zeros_c, zeros_r, beta=1.0, negatives="rejected")
     return (P * out.losses).sum(), (P * out.mi_bound).sum()
 
 

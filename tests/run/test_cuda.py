@@ -137,7 +137,7 @@ def test_training_step_equals_padded(tokenizer, packing, objective_name, precisi
             for parameter in model.parameters():
                 parameter.add_(torch.randn(parameter.shape, generator=generator).to(DEVICE) * 0.05)
         step = make_step_function(
-            objectives.get(objective_name),
+            objectives.build(objective_name),
             PreferenceData(examples, reference),
             beta=0.5,
             pad_token_id=pad,

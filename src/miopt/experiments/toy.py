@@ -281,7 +281,7 @@ def run_offline(
     the run stops there and ``diverged_at`` records the step; the curves hold the finite steps before it.
     """
     problem = offline_problem()
-    loss_fn = objectives.get(objective)
+    loss_fn = objectives.build(objective)
     theta = problem.initial_theta().requires_grad_(True)
     ref = problem.log_probs(theta.detach())
     ref_chosen, ref_rejected = ref[:, OFFLINE_CHOSEN], ref[:, OFFLINE_REJECTED]
@@ -331,7 +331,7 @@ def run_onpolicy(
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
     problem = onpolicy_problem()
-    loss_fn = objectives.get(objective)
+    loss_fn = objectives.build(objective)
     names = ONPOLICY_PROMPTS
     generators = [torch.Generator().manual_seed(seed * len(names) + p) for p in range(len(names))]
     theta = problem.initial_theta().requires_grad_(True)

@@ -1,20 +1,22 @@
-"""Preference objectives as MI estimators: one signature, one registry.
+"""Preference objectives as MI estimators: one signature, one registry, one protocol.
 
-Every objective is called as
-``objective(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+Every loss function is called as
+``loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
 beta=..., **options)`` with summed response log-probs (chosen ``[B]``, rejected ``[B]`` or
 ``[B, K]`` with ``rejected_mask``) and returns an :class:`ObjectiveOutput` whose ``losses`` is
-``[B]``. Add an objective: write the function (a module of its family), add one
+``[B]``. :func:`build` turns a spec (``"mio"``, ``"mio:1.0,sft:0.5"``, ``"rpo"``) and its options
+into an :class:`Objective`, which is called the same way and says what it needs (batch inputs,
+reference, unpaired rows, state). :func:`resolve_options` validates options before anything is
+loaded. Add an objective: write the function (a module of its family), add one
 :class:`~miopt.objectives.registry.Entry` (with its options' valid values) to the registry, add
-its tests. Specs such as ``"mio:1.0,sft:0.5"`` combine objectives with weights
-(:func:`build`); :func:`resolve_options` validates options before anything is loaded.
+its tests (CONTRIBUTING.md).
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from miopt.objectives.base import Objective, ObjectiveOutput, accepts
+from miopt.objectives.base import ObjectiveOutput
 from miopt.objectives.baselines import BCO, hinge, ipo, robust, simpo
 from miopt.objectives.decline import cal_dpo, dpop
 from miopt.objectives.estimators import dv, js, nwj
@@ -28,6 +30,7 @@ from miopt.objectives.modifiers import (
     with_wpo_weighting,
     wpo_token_terms,
 )
+from miopt.objectives.objective import BATCH_INPUTS, LossFunction, Objective, Stateful
 from miopt.objectives.options import ObjectiveOptionError, OptionSpec
 from miopt.objectives.registry import (
     NAMED_COMBINATIONS,
@@ -44,7 +47,7 @@ from miopt.objectives.registry import (
     parse_spec,
     resolve_options,
 )
-from miopt.objectives.sft import continued_sft, with_sft_term
+from miopt.objectives.sft import continued_sft
 from miopt.objectives.trl_losses import (
     aot,
     aot_unpaired,
@@ -57,37 +60,22 @@ from miopt.objectives.trl_losses import (
 )
 
 
-def is_reference_free(objective: Objective) -> bool:
-    """Whether the objective ignores reference log-probs (no reference pass is needed)."""
-    return bool(getattr(objective, "reference_free", False))
-
-
 def compute(
-    objective: Objective,
+    objective: Objective | LossFunction,
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
     ref_chosen_logps: Tensor | None,
     ref_rejected_logps: Tensor | None,
     *,
     beta: float,
-    rejected_mask: Tensor | None = None,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    **options,
+    **batch,
 ) -> ObjectiveOutput:
-    """Call ``objective`` passing batch-provided options (lengths, labels, ...) only where it accepts them."""
-    batch_options = {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
-    for key, value in batch_options.items():
-        if value is not None and accepts(objective, key):
-            options[key] = value
+    """``objective`` on a batch, a bare loss function taken as :meth:`Objective.of` (batch inputs it
+    does not read are dropped)."""
+    if not isinstance(objective, Objective):
+        objective = Objective.of(objective)
     return objective(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        beta=beta,
-        rejected_mask=rejected_mask,
-        **options,
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta, **batch
     )
 
 
@@ -97,10 +85,13 @@ __all__ = [
     "TRL_ALIASES",
     "Combination",
     "KTOOutput",
+    "BATCH_INPUTS",
+    "LossFunction",
     "Objective",
     "ObjectiveOptionError",
     "ObjectiveOutput",
     "OptionSpec",
+    "Stateful",
     "UnknownObjectiveError",
     "aot",
     "aot_unpaired",
@@ -120,7 +111,6 @@ __all__ = [
     "get",
     "hinge",
     "ipo",
-    "is_reference_free",
     "is_unpaired",
     "js",
     "kto",
@@ -137,7 +127,6 @@ __all__ = [
     "simpo",
     "sppo_hard",
     "with_f_divergence",
-    "with_sft_term",
     "with_wpo_weighting",
     "wpo_token_terms",
 ]

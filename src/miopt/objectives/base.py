@@ -8,7 +8,6 @@ boolean mask ``[B, K]`` (True = a real negative) for prompts that have fewer tha
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,10 +18,6 @@ from torch import Tensor
 # A loss body maps (chosen rewards [B], rejected rewards [B, K], mask [B, K]) to
 # (per-prompt losses [B], per-prompt bound estimate [B]).
 LossBody = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
-
-# Every objective: (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-# *, beta, **options) -> ObjectiveOutput.
-Objective = Callable[..., "ObjectiveOutput"]
 
 NEGATIVE_DISTRIBUTIONS = ("marginal", "rejected")
 
@@ -195,16 +190,6 @@ def evaluate_pairwise(
         return pairwise_mean(loss_of_margin, t_w, t_neg, neg_mask), dv_bound(t_w, t_neg, neg_mask)
 
     return evaluate(body, chosen, rejected, mask)
-
-
-def accepts(objective: Objective, option: str) -> bool:
-    """Whether ``objective`` takes the keyword ``option`` (batch-provided options such as lengths)."""
-    target = objective if inspect.isfunction(objective) else objective.__call__
-    if option in inspect.signature(target).parameters:
-        return True
-    # Wrappers (with_sft_term) forward their **kwargs to the objective they wrap.
-    inner = getattr(objective, "inner", None)
-    return inner is not None and accepts(inner, option)
 
 
 LOG2 = math.log(2.0)

@@ -127,15 +127,12 @@ def simpo(
     return evaluate(body, chosen, rejected, mask)
 
 
-simpo.reference_free = True  # type: ignore[attr-defined]
-
-
 class BCO:
     """BCO with a running reward offset: ``-log sigmoid(T_w - delta) - log sigmoid(-(T_l - delta))``,
     ``delta`` the running mean of all rewards seen so far (Jung et al. 2024, "Binary Classifier
     Optimization", eq. 8-9). With K negatives the rejected term is averaged over them.
 
-    One instance per training run (``miopt.objectives.get("bco")`` makes a new one); the offset is
+    One instance per training run (``miopt.objectives.build("bco")`` makes a new one); the offset is
     updated after each call from the detached rewards and saved with ``state_dict()``.
     TRL counterpart ``loss_type="bco_pair"``: TRL 1.x dropped the offset (``delta = 0``), which
     is ``js`` with ``negatives="rejected"`` here; older TRL kept the running mean as miopt does.

@@ -106,6 +106,3 @@ def kto(
 
     output = evaluate(body, completion, mismatched, mask)
     return KTOOutput(**vars(output), labels=labels, kl=kl)
-
-
-kto.unpaired = True  # type: ignore[attr-defined]

@@ -27,7 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from miopt.objectives.base import Objective, ObjectiveOutput, as_listwise, masked_mean
+from miopt.objectives.base import ObjectiveOutput, as_listwise, masked_mean
+from miopt.objectives.objective import LossFunction
+
+# The batch inputs a WPO-weighted loss reads (:func:`with_wpo_weighting`).
+WPO_INPUTS = frozenset({"chosen_wpo_logps", "rejected_wpo_logps"})
 
 MAX_EXPONENT = 80.0  # exp() beyond this overflows float32: the f-divergence exponents are clamped
 
@@ -47,7 +51,7 @@ def f_divergence_score(log_ratio: Tensor, f_divergence_type: str, alpha: float =
     raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}")
 
 
-def with_f_divergence(objective: Objective, f_divergence_type: str, alpha: float = 0.5) -> Objective:
+def with_f_divergence(objective: LossFunction, f_divergence_type: str, alpha: float = 0.5) -> LossFunction:
     """``objective`` on ``T = beta f'(pi/pi_ref)`` instead of ``T = beta log(pi/pi_ref)``."""
     if f_divergence_type == "reverse_kl":
         return objective
@@ -71,7 +75,7 @@ def with_f_divergence(objective: Objective, f_divergence_type: str, alpha: float
             **kwargs,
         )
 
-    return _named(wrapped, objective, f"f_divergence_type={f_divergence_type}")
+    return wrapped
 
 
 def wpo_token_terms(token_logps: Tensor, log_sum_sq_probs: Tensor, token_mask: Tensor) -> Tensor:
@@ -81,7 +85,7 @@ def wpo_token_terms(token_logps: Tensor, log_sum_sq_probs: Tensor, token_mask: T
     return ((token_logps - log_sum_sq_probs) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-def with_wpo_weighting(objective: Objective) -> Objective:
+def with_wpo_weighting(objective: LossFunction) -> LossFunction:
     """``objective`` with each prompt's loss times ``w(y_w) * mean_k w(y_k)`` (detached; exact WPO for
     K = 1). Needs the batch inputs ``chosen_wpo_logps`` ``[B]`` and ``rejected_wpo_logps`` ``[B]`` or
     ``[B, K]`` (:func:`wpo_token_terms`)."""
@@ -95,7 +99,7 @@ def with_wpo_weighting(objective: Objective) -> Objective:
         output.rejected_grad_weight = output.rejected_grad_weight * weights
         return output
 
-    return _named(wrapped, objective, "use_weighting")
+    return wrapped
 
 
 def ld_tail_logps(token_logps: Tensor, token_mask: Tensor, shared_lengths: Tensor) -> Tensor:
@@ -120,11 +124,3 @@ def ld_logps(token_logps: Tensor, token_mask: Tensor, shared_lengths: Tensor, ld
     ``token_mask`` ``[N, L]`` (mask: response tokens, in order); returns ``[N]``."""
     summed = (token_logps * token_mask.to(token_logps.dtype)).sum(-1)
     return ld_combine(summed, ld_tail_logps(token_logps, token_mask, shared_lengths), ld_alpha)
-
-
-def _named(wrapped, objective: Objective, suffix: str):
-    wrapped.__name__ = f"{getattr(objective, '__name__', type(objective).__name__)}[{suffix}]"
-    wrapped.__doc__ = objective.__doc__
-    wrapped.reference_free = getattr(objective, "reference_free", False)  # type: ignore[attr-defined]
-    wrapped.inner = objective  # type: ignore[attr-defined]
-    return wrapped

@@ -9,7 +9,9 @@ Every entry declares its keyword options with their valid values (:mod:`.options
 
 from __future__ import annotations
 
+import functools
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,14 +19,15 @@ from typing import Any
 from torch import Tensor
 
 from miopt.objectives import options as spec
-from miopt.objectives.base import Objective, ObjectiveOutput, accepts
+from miopt.objectives.base import ObjectiveOutput
 from miopt.objectives.baselines import BCO, hinge, ipo, robust, simpo
 from miopt.objectives.decline import cal_dpo, dpop
 from miopt.objectives.estimators import dv, js, nwj
 from miopt.objectives.kto import kto
-from miopt.objectives.modifiers import with_f_divergence, with_wpo_weighting
+from miopt.objectives.modifiers import WPO_INPUTS, with_f_divergence, with_wpo_weighting
+from miopt.objectives.objective import Objective, Stateful, batch_inputs_of, combined_state
 from miopt.objectives.options import ObjectiveOptionError, OptionSpec
-from miopt.objectives.sft import continued_sft, with_sft_term
+from miopt.objectives.sft import continued_sft
 from miopt.objectives.trl_losses import (
     aot,
     aot_unpaired,
@@ -36,9 +39,6 @@ from miopt.objectives.trl_losses import (
     sppo_hard,
 )
 
-# Batch-provided keywords: the step function supplies them, users never set them.
-BATCH_KEYWORDS = ("beta", "rejected_mask", "chosen_lengths", "rejected_lengths", "labels")
-
 
 @dataclass(frozen=True)
 class Entry:
@@ -49,10 +49,8 @@ class Entry:
     options: Mapping[str, OptionSpec] = field(default_factory=dict)
     modifiers: frozenset[str] = frozenset()
     summary: str = ""
-
-    @property
-    def unpaired(self) -> bool:
-        return bool(getattr(self.objective, "unpaired", False))
+    reference_free: bool = False  # no reference log-probs needed (SimPO)
+    unpaired: bool = False  # rows of (prompt, completion, label) (KTO)
 
     def all_options(self) -> dict[str, OptionSpec]:
         declared = dict(self.options)
@@ -80,7 +78,13 @@ _REGISTRY: dict[str, Entry] = {
     "robust": Entry(
         robust, {"label_smoothing": spec.ROBUST_SMOOTHING}, _ALL_MODIFIERS, "robust DPO (TRL robust)"
     ),
-    "simpo": Entry(simpo, {"gamma": spec.SIMPO_GAMMA}, frozenset(), "SimPO, reference-free (TRL CPOTrainer)"),
+    "simpo": Entry(
+        simpo,
+        {"gamma": spec.SIMPO_GAMMA},
+        frozenset(),
+        "SimPO, reference-free (TRL CPOTrainer)",
+        reference_free=True,
+    ),
     "bco": Entry(BCO, {}, _NO_F, "BCO with running offset (TRL bco_pair without it)"),
     "sft": Entry(continued_sft, {}, frozenset(), "continued SFT: chosen NLL per token (TRL sft)"),
     "exo_pair": Entry(
@@ -107,6 +111,7 @@ _REGISTRY: dict[str, Entry] = {
         {"desirable_weight": spec.KTO_WEIGHT, "undesirable_weight": spec.KTO_WEIGHT},
         frozenset(),
         "KTO on unpaired data (TRL KTOTrainer)",
+        unpaired=True,
     ),
 }
 
@@ -218,33 +223,30 @@ def resolve_options(text: str, given: Mapping[str, Any]) -> dict[str, dict[str, 
 
 def _instantiate(name: str, options: Mapping[str, Any]) -> Objective:
     """The objective ``name`` with its keyword options bound and its modifiers applied."""
-    target = entry(name).objective
-    objective = target() if inspect.isclass(target) else target
+    registered = entry(name)
+    target = registered.objective
+    loss = target() if inspect.isclass(target) else target  # a class: a fresh state per run (BCO)
+    state = loss if isinstance(loss, Stateful) else None
+    inputs = batch_inputs_of(loss)
     options = dict(options)
     f_type = options.pop("f_divergence_type", "reverse_kl")
     f_alpha = options.pop("f_alpha_divergence_coef", 0.5)
     weighting = options.pop("use_weighting", False)
     options.pop("ld_alpha", None)  # a log-prob transform: applied by the step function, not the loss
     if options:
-        objective = _bind(objective, options)
-    objective = with_f_divergence(objective, f_type, f_alpha)
-    return with_wpo_weighting(objective) if weighting else objective
-
-
-def _bind(objective: Objective, options: Mapping[str, Any]) -> Objective:
-    """``objective`` with keyword ``options`` fixed (state such as BCO's offset stays on the instance)."""
-
-    def bound(*args, **kwargs):
-        return objective(*args, **{**options, **kwargs})
-
-    bound.__name__ = getattr(objective, "__name__", type(objective).__name__)
-    bound.__doc__ = objective.__doc__
-    bound.reference_free = getattr(objective, "reference_free", False)  # type: ignore[attr-defined]
-    bound.inner = objective  # type: ignore[attr-defined]
-    if hasattr(objective, "state_dict"):
-        bound.state_dict = objective.state_dict  # type: ignore[attr-defined]
-        bound.load_state_dict = objective.load_state_dict  # type: ignore[attr-defined]
-    return bound
+        loss = functools.partial(loss, **options)
+    loss = with_f_divergence(loss, f_type, f_alpha)
+    if weighting:
+        loss = with_wpo_weighting(loss)
+        inputs |= WPO_INPUTS
+    return Objective(
+        name,
+        loss,
+        inputs,
+        reference_free=registered.reference_free,
+        unpaired=registered.unpaired,
+        state=state,
+    )
 
 
 class Combination:
@@ -255,14 +257,6 @@ class Combination:
 
     def __init__(self, terms: list[tuple[str, float, Objective]]) -> None:
         self.terms = terms
-        self.__name__ = ",".join(f"{name}:{weight:g}" for name, weight, _ in terms)
-        self.reference_free = all(getattr(obj, "reference_free", False) for _, _, obj in terms)
-        stateful = {name: obj for name, _, obj in terms if hasattr(obj, "state_dict")}
-        if stateful:
-            self.state_dict = lambda: {name: obj.state_dict() for name, obj in stateful.items()}
-            self.load_state_dict = lambda state: [
-                stateful[name].load_state_dict(state[name]) for name in stateful
-            ]
 
     def __call__(
         self,
@@ -272,65 +266,68 @@ class Combination:
         ref_rejected_logps: Tensor | None,
         *,
         beta: float,
-        rejected_mask: Tensor | None = None,
-        chosen_lengths: Tensor | None = None,
-        rejected_lengths: Tensor | None = None,
-        **options,
+        **batch: Any,
     ) -> ObjectiveOutput:
-        from miopt.objectives import compute
-
-        outputs = []
-        for _, _, objective in self.terms:
-            outputs.append(
-                compute(
-                    objective,
-                    policy_chosen_logps,
-                    policy_rejected_logps,
-                    ref_chosen_logps,
-                    ref_rejected_logps,
-                    beta=beta,
-                    rejected_mask=rejected_mask,
-                    chosen_lengths=chosen_lengths,
-                    rejected_lengths=rejected_lengths,
-                    **{key: value for key, value in options.items() if accepts(objective, key)},
-                )
+        outputs = [
+            objective(
+                policy_chosen_logps,
+                policy_rejected_logps,
+                ref_chosen_logps,
+                ref_rejected_logps,
+                beta=beta,
+                **batch,
             )
+            for _, _, objective in self.terms
+        ]
+        weights = [weight for _, weight, _ in self.terms]
         first = outputs[0]
-        total = sum(weight * out.losses for (_, weight, _), out in zip(self.terms, outputs))
         return ObjectiveOutput(
-            losses=total,
+            losses=sum(w * out.losses for w, out in zip(weights, outputs)),
             chosen_rewards=first.chosen_rewards,
             rejected_rewards=first.rejected_rewards,
             rejected_mask=first.rejected_mask,
             mi_bound=first.mi_bound,
-            chosen_grad_weight=sum(w * out.chosen_grad_weight for (_, w, _), out in zip(self.terms, outputs)),
-            rejected_grad_weight=sum(
-                w * out.rejected_grad_weight for (_, w, _), out in zip(self.terms, outputs)
-            ),
+            chosen_grad_weight=sum(w * out.chosen_grad_weight for w, out in zip(weights, outputs)),
+            rejected_grad_weight=sum(w * out.rejected_grad_weight for w, out in zip(weights, outputs)),
             terms={name: out.losses.detach() for (name, _, _), out in zip(self.terms, outputs)},
         )
 
 
+def _with_sft_term(terms: list[tuple[str, float]], sft_weight: float) -> list[tuple[str, float]]:
+    """``--sft-weight w``: the chosen-answer NLL as the term ``sft:w`` (added to an ``sft`` term already
+    there), the one way every objective gains it (RPO, Pang et al. 2024, eq. 3)."""
+    if sft_weight < 0:
+        raise ObjectiveOptionError(f"sft_weight must be >= 0, got {sft_weight}")
+    if sft_weight == 0:
+        return terms
+    if any(name == "sft" for name, _ in terms):
+        return [(name, weight + sft_weight if name == "sft" else weight) for name, weight in terms]
+    if any(_REGISTRY[name].unpaired for name, _ in terms):
+        raise ObjectiveOptionError("sft_weight does not apply to an objective on unpaired data (kto)")
+    return [*terms, ("sft", sft_weight)]
+
+
 def build(text: str, options: Mapping[str, Any] | None = None, sft_weight: float = 0.0) -> Objective:
-    """The objective of spec ``text`` with ``options`` (checked by :func:`resolve_options`) bound,
-    plus an SFT term of weight ``sft_weight`` (``with_sft_term``)."""
+    """The objective of spec ``text`` with ``options`` (checked by :func:`resolve_options`) bound; with
+    ``sft_weight``, plus the term ``sft:sft_weight`` (the chosen response's mean token NLL). A spec of
+    several terms (``mio:1,sft:0.5``, ``rpo``) is a :class:`Combination`."""
     resolved = resolve_options(text, options or {})
-    terms = parse_spec(text)
+    terms = _with_sft_term(parse_spec(text), sft_weight)
     if len(terms) == 1 and terms[0][1] == 1.0:
-        objective = _instantiate(terms[0][0], resolved[terms[0][0]])
-    else:
-        objective = Combination(
-            [(name, weight, _instantiate(name, resolved[name])) for name, weight in terms]
-        )
-    # Any non-zero weight goes through with_sft_term, which rejects negative weights.
-    return with_sft_term(objective, sft_weight) if sft_weight != 0 else objective
+        return _instantiate(terms[0][0], resolved[terms[0][0]])
+    built = [(name, weight, _instantiate(name, resolved.get(name, {}))) for name, weight in terms]
+    return Objective(
+        ",".join(f"{name}:{weight:g}" for name, weight, _ in built),
+        Combination(built),
+        frozenset().union(*(objective.inputs for _, _, objective in built)),
+        reference_free=all(objective.reference_free for _, _, objective in built),
+        state=combined_state((name, objective) for name, _, objective in built),
+    )
 
 
 def get(name: str, sft_weight: float = 0.0) -> Objective:
-    """The objective registered as ``name`` (or any spec), optionally plus an SFT term."""
-    terms = parse_spec(name)
-    if len(terms) == 1 and terms[0][1] == 1.0:
-        target = _REGISTRY[terms[0][0]].objective
-        objective = target() if inspect.isclass(target) else target
-        return with_sft_term(objective, sft_weight) if sft_weight != 0 else objective
+    """Deprecated: :func:`build` (the one lookup), kept for code written before it."""
+    warnings.warn(
+        "miopt.objectives.get is deprecated; use miopt.objectives.build", DeprecationWarning, stacklevel=2
+    )
     return build(name, sft_weight=sft_weight)

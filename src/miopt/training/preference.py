@@ -384,14 +384,14 @@ def train_on_examples(
     objective = objectives.build(
         options.objective, given_objective_options(options), sft_weight=options.sft_weight
     )
-    unpaired = objectives.is_unpaired(options.objective)
+    unpaired = objective.unpaired
     examples = as_unpaired(examples, options) if unpaired else examples
     started = time.perf_counter()
     if options.disable_dropout:  # before LoRA: an explicit --lora-dropout stays
         disable_dropout(model)
     reference, cached = None, False
     reference_model = None
-    needs_reference = not objectives.is_reference_free(objective)
+    needs_reference = not objective.reference_free
     if needs_reference and options.reference == "precompute":
         reference, cached = reference_logps(options, model, examples, tokenizer.pad_token_id, accelerator)
         if main:
@@ -424,7 +424,7 @@ def train_on_examples(
         packing=options.packing,
     )
     monitor = ChosenDeclineMonitor(options.chosen_decline_warning, objective=options.objective)
-    stateful = {"objective": objective} if hasattr(objective, "state_dict") else {}
+    stateful = {"objective": objective.state} if objective.state is not None else {}
     # a signal during the final save waits for it (the steps are done), then stops the run
     with stop_after(accelerator, options.output_dir):
         with block_attention(model), block_attention(reference_model):

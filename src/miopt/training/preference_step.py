@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from miopt import objectives
 from miopt.data.tokenize import TokenizedExample
 from miopt.logprobs.forward import as_pairs, pair_logps, sequence_logps
 from miopt.logprobs.length_desensitised import ld_as_pairs, ld_pair_logps
@@ -48,7 +47,7 @@ def make_step_function(
     ``ld_alpha``: LD-DPO log-probs for policy and reference. ``use_weighting``: the objective is WPO-
     weighted (:func:`miopt.objectives.with_wpo_weighting`) and gets its per-response inputs."""
     objective_kwargs = objective_kwargs or {}
-    reference_free = objectives.is_reference_free(objective)
+    reference_free = objective.reference_free
     reference_pairs = pair_logps if ld_alpha is None else partial(ld_pair_logps, ld_alpha=ld_alpha)
 
     def step(model, indices: Sequence[int]):
@@ -66,8 +65,7 @@ def make_step_function(
                 ref_chosen, ref_rejected = on_the_fly_reference(
                     model, reference_model, batch, chunk_tokens, reference_pairs
                 )
-        output = objectives.compute(
-            objective,
+        output = objective(
             policy.chosen,
             policy.rejected,
             ref_chosen,

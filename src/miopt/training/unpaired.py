@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from miopt import objectives
 from miopt.data.tokenize import TokenizedExample
 from miopt.data.unpaired import (
     UnpairedExample,
@@ -85,8 +84,7 @@ def make_unpaired_step_function(
         else:
             ref_completion, ref_mismatched = on_the_fly_reference(model, reference_model, batch, chunk_tokens)
         labels = torch.tensor([e.label for e in examples], dtype=torch.bool, device=device)
-        output = objectives.compute(
-            objective,
+        output = objective(
             policy.chosen,
             policy.rejected,
             ref_completion,
