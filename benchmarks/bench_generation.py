@@ -10,7 +10,8 @@ its pairs are sampled from). Both sides sample at temperature 1 (``top_k`` off, 
 * plain: ``model.generate`` on the prompts as given (left-padded batches in prompt order), fp32
   weights, ``stop_strings=["\\n"]``: what a user writes without miopt.
 * miopt: :func:`miopt.evaluation.generation.generate` (the path of evaluation, pair building and online
-  rounds), with ``--dtype`` weights for decoding.
+  rounds): length-sorted batches, finished rows dropped every ``--compact-every`` tokens, ``--dtype``
+  weights for decoding.
 
 Tokens counted: each row's generated tokens up to and including its stop (the same rule for both, so
 ``tokens_per_second`` is a like-for-like rate). The sides alternate, ``--repeats`` times each, after
@@ -68,7 +69,9 @@ def plain_generate(model, tokenizer, prompts, *, batch_size: int, max_new_tokens
     return texts
 
 
-def miopt_generate(model, tokenizer, prompts, *, batch_size: int, max_new_tokens: int, dtype) -> list[str]:
+def miopt_generate(
+    model, tokenizer, prompts, *, batch_size: int, max_new_tokens: int, dtype, compact_every: int
+) -> list[str]:
     from miopt.evaluation.generation import generate
 
     outputs = generate(
@@ -80,6 +83,7 @@ def miopt_generate(model, tokenizer, prompts, *, batch_size: int, max_new_tokens
         batch_size=batch_size,
         temperature=1.0,
         dtype=dtype,
+        compact_every=compact_every,
     )
     return [texts[0] for texts in outputs]
 
@@ -107,6 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="miopt's decoding weights"
     )
+    parser.add_argument(
+        "--compact-every",
+        type=int,
+        default=16,
+        help="miopt's side: finished rows leave the batch every N new tokens (0: never; generate's default 16)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args(argv)
@@ -130,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             dtype=dtype,
+            compact_every=args.compact_every,
         ),
     }
     rates: dict[str, list[float]] = {name: [] for name in sides}
@@ -149,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
         "miopt_dtype": args.dtype,
+        "compact_every": args.compact_every,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "processor": platform.processor() or platform.machine(),

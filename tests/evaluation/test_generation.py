@@ -76,6 +76,32 @@ def test_sampling_is_seeded_and_returns_n(tiny) -> None:
         generate(model, tokenizer, PROMPTS, num_samples=2)
 
 
+def test_finished_rows_leave_the_batch_and_the_text_is_unchanged(monkeypatch) -> None:
+    from miopt.model.loading import load_model, load_tokenizer
+
+    model, tokenizer = load_model("builtin:arith"), load_tokenizer("builtin:arith")  # answers of many lengths
+    prompts = [problem.prompt for problem in generate_splits(0, 8, seed=3)[1]]
+    options = {"max_new_tokens": 40, "batch_size": 8, "stop": ["\n"]}
+    expected = generate(model, tokenizer, prompts, compact_every=0, **options)
+    assert len({len(out[0]) for out in expected}) > 2 and all(" A: " in out[0] for out in expected)
+    rows_per_forward = []
+    forward = model.forward
+
+    def counting(*args, **kwargs):
+        rows_per_forward.append(kwargs["input_ids"].shape[0])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    assert generate(model, tokenizer, prompts, compact_every=3, **options) == expected
+    assert rows_per_forward[0] == 8 and rows_per_forward[-1] < 8  # finished rows were dropped
+    assert len(rows_per_forward) > 14  # and decoding went on past the shortest answer
+    # sampled: reproducible for a seed with compaction too
+    sampled = {**options, "num_samples": 2, "temperature": 1.0, "compact_every": 2}
+    assert generate(model, tokenizer, prompts, seed=3, **sampled) == generate(
+        model, tokenizer, prompts, seed=3, **sampled
+    )
+
+
 def test_decoding_in_bf16_uses_a_copy_and_leaves_the_model_as_it_was(tiny) -> None:
     model, tokenizer = tiny
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
