@@ -404,11 +404,40 @@ def run_loop(
     ``checkpoint_last``: the last step is checkpointed too (on the ``--save-steps`` grid), so that a
     later call with a larger ``max_steps`` continues this one exactly (training in segments).
     """
+    started = time.perf_counter()
+    accelerator = accelerator or make_accelerator(options.bf16)
+    plan = _plan(options, accelerator, model, num_examples, stateful)
+    sink = MetricsSink(plan.output_dir, accelerator, options, on_log=on_log)
+    history = sink.start(plan.start_step or None)
+    try:
+        _train_steps(options, plan, history, sink, step_fn, example_weights, checkpoint_last)
+    finally:
+        sink.close()
+    if not weights_finite(plan.run.model, accelerator):
+        raise NonFiniteError(
+            f"step {plan.total_steps}: the final weights are not finite; no final model saved, "
+            f"{_newest_checkpoint_note(options)}"
+        )
+    return LoopResult(history, plan.total_steps, time.perf_counter() - started, plan.start_step)
+
+
+@dataclass
+class _Plan:
+    """What the steps run on: the prepared optimisation, its data order, where it starts and ends."""
+
+    output_dir: Path
+    run: _Optimisation
+    order: DataOrder
+    total_steps: int
+    start_step: int
+    checkpoint_estimate: int | None
+
+
+def _plan(options: LoopOptions, accelerator, model, num_examples: int, stateful) -> _Plan:
+    """Seed, data order, optimizer and schedule, free space and resume: everything before step one."""
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     output_dir = Path(options.output_dir)
-    accelerator = accelerator or make_accelerator(options.bf16)
     set_seed(options.seed)
     world = accelerator.num_processes
     order = DataOrder(
@@ -423,59 +452,61 @@ def run_loop(
     if accelerator.is_main_process:
         remove_stale_temporaries(output_dir, prefix=f".{CHECKPOINT_PREFIX}")
     _check_space(options, accelerator, output_dir, estimate, final_estimate)
-    resumed = _resume(options, accelerator, output_dir)
-    start_step = resumed or 0
+    start_step = _resume(options, accelerator, output_dir) or 0
     if start_step > total_steps:
         raise OptionError(
             f"--resume: the checkpoint is at step {start_step}, beyond this run's {total_steps} steps"
         )
-    sink = MetricsSink(output_dir, accelerator, options, on_log=on_log)
-    history = sink.start(resumed)
     run = _Optimisation(options, accelerator, model, optimizer, scheduler, order)
+    return _Plan(output_dir, run, order, total_steps, start_step, estimate)
 
-    batches = order.iterate(start_step * run.accumulation)
+
+def _train_steps(
+    options: LoopOptions,
+    plan: _Plan,
+    history: list,
+    sink: MetricsSink,
+    step_fn,
+    example_weights,
+    checkpoint_last,
+) -> None:
+    """The optimizer steps from ``plan.start_step + 1``: log on the ``--logging-steps`` grid, save on
+    ``--save-steps``, and after a step that a SIGTERM or SIGINT came during, checkpoint and stop."""
+    from tqdm.auto import tqdm
+
+    run, accelerator = plan.run, plan.run.accelerator
+    batches = plan.order.iterate(plan.start_step * run.accumulation)
     progress = tqdm(
-        total=total_steps,
-        initial=start_step,
+        total=plan.total_steps,
+        initial=plan.start_step,
         desc="train",
         disable=not (options.progress and accelerator.is_main_process),
         dynamic_ncols=True,
     )
     window: list[dict[str, Tensor]] = []
-    window_examples, window_start, started = 0, time.perf_counter(), time.perf_counter()
-    with StopSignals() as stop:
-        for step in range(start_step + 1, total_steps + 1):
+    window_examples, window_start = 0, time.perf_counter()
+    with progress, StopSignals() as stop:
+        for step in range(plan.start_step + 1, plan.total_steps + 1):
             rows, examples = run.accumulate(step, batches, step_fn, example_weights)
             run.step(step, rows)
             window += rows
             window_examples += examples
             progress.update(1)
-            if step % options.logging_steps == 0 or step == total_steps:
+            if step % options.logging_steps == 0 or step == plan.total_steps:
                 record = run.record(step, window, window_examples, time.perf_counter() - window_start)
                 window, window_examples, window_start = [], 0, time.perf_counter()
                 history.append(record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
                 sink.write(record)
+            last = step == plan.total_steps
             saved = (
-                options.save_steps
-                and step % options.save_steps == 0
-                and (step < total_steps or checkpoint_last)
+                bool(options.save_steps) and step % options.save_steps == 0 and (not last or checkpoint_last)
             )
             if saved:
-                _save(options, accelerator, run.model, step, estimate)
+                _save(options, accelerator, run.model, step, plan.checkpoint_estimate)
             signum = stop.agreed(accelerator)
             if signum:
-                checkpoint = checkpoint_dir(output_dir, step)
+                checkpoint = checkpoint_dir(plan.output_dir, step)
                 if not saved:
-                    checkpoint = _save(options, accelerator, run.model, step, estimate)
-                progress.close()
-                sink.close()
-                raise Preempted(signum, step, checkpoint, output_dir)
-    progress.close()
-    sink.close()
-    if not weights_finite(run.model, accelerator):
-        raise NonFiniteError(
-            f"step {total_steps}: the final weights are not finite; no final model saved, "
-            f"{_newest_checkpoint_note(options)}"
-        )
-    return LoopResult(history, total_steps, time.perf_counter() - started, start_step)
+                    checkpoint = _save(options, accelerator, run.model, step, plan.checkpoint_estimate)
+                raise Preempted(signum, step, checkpoint, plan.output_dir)

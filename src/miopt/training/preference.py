@@ -377,31 +377,80 @@ def train_on_examples(
     """Train an already-loaded model on tokenised examples and save everything into ``output_dir``."""
     check_train_options(options)
     accelerator = accelerator or make_accelerator(options.bf16)
-    main = accelerator.is_main_process
     chunk_tokens = sharded_setup(
         accelerator, logprob_chunk=options.logprob_chunk, merge_lora=options.merge_lora
     )
     objective = objectives.build(
         options.objective, given_objective_options(options), sft_weight=options.sft_weight
     )
-    unpaired = objective.unpaired
-    examples = as_unpaired(examples, options) if unpaired else examples
+    examples = as_unpaired(examples, options) if objective.unpaired else examples
     started = time.perf_counter()
     if options.disable_dropout:  # before LoRA: an explicit --lora-dropout stays
         disable_dropout(model)
-    reference, cached = None, False
-    reference_model = None
+    model, references = _references(options, model, objective, examples, tokenizer, accelerator)
+    step = _step_function(options, objective, examples, references, tokenizer.pad_token_id, chunk_tokens)
+    monitor = ChosenDeclineMonitor(options.chosen_decline_warning, objective=options.objective)
+    stateful = {"objective": objective.state} if objective.state is not None else {}
+    # a signal during the final save waits for it (the steps are done), then stops the run
+    with stop_after(accelerator, options.output_dir):
+        with block_attention(model), block_attention(references.model):
+            result = run_loop(
+                options,
+                model=model,
+                num_examples=len(examples),
+                step_fn=step,
+                stateful=stateful,
+                on_log=monitor if accelerator.is_main_process else None,
+                accelerator=accelerator,
+            )
+        state_dict = full_state_dict(accelerator, model)
+        summary: dict[str, Any] = {}
+        if accelerator.is_main_process:
+            save_model(
+                model, tokenizer, options.output_dir, merge_lora=options.merge_lora, state_dict=state_dict
+            )
+            summary = _write_summary(
+                options,
+                result,
+                {
+                    "examples": len(examples),
+                    "reference_cached": references.cached,
+                    "seconds": round(time.perf_counter() - started, 2),
+                    "chosen_decline_warning_step": monitor.warned_at,
+                    **(extra_summary or {}),
+                },
+            )
+        accelerator.wait_for_everyone()
+    return summary
+
+
+@dataclass
+class _References:
+    """Where the step gets reference log-probs: a cache computed before training, a frozen copy of
+    the model run beside it, the adapter-disabled model (LoRA), or nowhere (reference-free)."""
+
+    cache: Any = None
+    cached: bool = False
+    model: Any = None
+
+
+def _references(options: TrainOptions, model, objective, examples, tokenizer, accelerator):
+    """The reference of ``options.reference`` (precomputed before LoRA wraps the model); returns the
+    model to train (LoRA-wrapped with ``--lora-r``) and the references."""
+    references = _References()
     needs_reference = not objective.reference_free
     if needs_reference and options.reference == "precompute":
-        reference, cached = reference_logps(options, model, examples, tokenizer.pad_token_id, accelerator)
-        if main:
+        references.cache, references.cached = reference_logps(
+            options, model, examples, tokenizer.pad_token_id, accelerator
+        )
+        if accelerator.is_main_process:
             print(
-                f"reference log-probs: {'read from cache' if cached else 'computed and cached'}",
+                f"reference log-probs: {'read from cache' if references.cached else 'computed and cached'}",
                 file=sys.stderr,
             )
     if options.lora_r:
-        model = apply_lora(model, options)
-    elif needs_reference and options.reference == "on-the-fly":
+        return apply_lora(model, options), references
+    if needs_reference and options.reference == "on-the-fly":
         if options.ref_model:
             reference_model = models.load_model(options.ref_model, dtype=options.dtype)
         else:
@@ -409,56 +458,49 @@ def train_on_examples(
         reference_model.requires_grad_(False).eval().to(accelerator.device)
         if options.disable_dropout:
             disable_dropout(reference_model)
+        references.model = reference_model
+    return model, references
+
+
+def _step_function(
+    options: TrainOptions, objective, examples, references: _References, pad_token_id, chunk_tokens
+):
+    """The paired (or, for KTO, unpaired) step function of ``objective`` on ``examples``."""
     make_step = (
         make_unpaired_step_function
-        if unpaired
+        if objective.unpaired
         else partial(make_step_function, ld_alpha=ld_alpha_of(options), use_weighting=uses_weighting(options))
     )
-    step = make_step(
+    return make_step(
         objective,
-        PreferenceData(examples, reference),
+        PreferenceData(examples, references.cache),
         beta=options.beta,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=pad_token_id,
         chunk_tokens=chunk_tokens,
-        reference_model=reference_model,
+        reference_model=references.model,
         packing=options.packing,
     )
-    monitor = ChosenDeclineMonitor(options.chosen_decline_warning, objective=options.objective)
-    stateful = {"objective": objective.state} if objective.state is not None else {}
-    # a signal during the final save waits for it (the steps are done), then stops the run
-    with stop_after(accelerator, options.output_dir):
-        with block_attention(model), block_attention(reference_model):
-            result = run_loop(
-                options,
-                model=model,
-                num_examples=len(examples),
-                step_fn=step,
-                stateful=stateful,
-                on_log=monitor if main else None,
-                accelerator=accelerator,
-            )
-        state_dict = full_state_dict(accelerator, model)
-        summary: dict[str, Any] = {}
-        if main:
-            output_dir = Path(options.output_dir)
-            save_model(model, tokenizer, output_dir, merge_lora=options.merge_lora, state_dict=state_dict)
-            plot_training_curves(
-                result.history, output_dir / "curves.png", title=f"{options.objective}, beta={options.beta}"
-            )
-            summary = {
-                "objective": options.objective,
-                "beta": options.beta,
-                "steps": result.steps,
-                "resumed_from_step": result.resumed_from,
-                "examples": len(examples),
-                "reference_cached": cached,
-                "seconds": round(time.perf_counter() - started, 2),
-                "first": result.history[0] if result.history else {},
-                "final": result.history[-1] if result.history else {},
-                "chosen_decline_warning_step": monitor.warned_at,
-                "options": dataclasses.asdict(options),
-                **(extra_summary or {}),
-            }
-            atomic_write_json(output_dir / "summary.json", summary)
-        accelerator.wait_for_everyone()
+
+
+def _write_summary(options: TrainOptions, result, details: dict[str, Any]) -> dict[str, Any]:
+    """``curves.png`` and ``summary.json`` of a finished run (main process)."""
+    output_dir = Path(options.output_dir)
+    plot_training_curves(
+        result.history, output_dir / "curves.png", title=f"{options.objective}, beta={options.beta}"
+    )
+    summary = {
+        "objective": options.objective,
+        "beta": options.beta,
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from,
+        "examples": details.pop("examples"),
+        "reference_cached": details.pop("reference_cached"),
+        "seconds": details.pop("seconds"),
+        "first": result.history[0] if result.history else {},
+        "final": result.history[-1] if result.history else {},
+        "chosen_decline_warning_step": details.pop("chosen_decline_warning_step"),
+        "options": dataclasses.asdict(options),
+        **details,
+    }
+    atomic_write_json(output_dir / "summary.json", summary)
     return summary
