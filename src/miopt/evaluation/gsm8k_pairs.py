@@ -88,57 +88,13 @@ def convert_gsm8k_pairs(
         raise DataError(
             f"held-out fraction must be in [0, 1), got {heldout_fraction}", source=str(input_path)
         )
-    questions: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}
-    for number, record in read_jsonl(input_path):
-        where = f"{input_path}:{number}"
-        question = _string(record, "question", where)
-        ground_truth = _string(record, "ground_truth", where)
-        if question.strip() in seen:
-            raise DataError(
-                f"question repeats the one at {seen[question.strip()]}", source=where, field="question"
-            )
-        seen[question.strip()] = where
-        samples = _samples(record, where)
-        positives = _unique([ground_truth] + [text for _, correct, text in samples if correct])
-        negatives = _unique([text for _, correct, text in samples if not correct])
-        negatives = [text for text in negatives if text not in positives]
-        questions.append(
-            {
-                "question": question,
-                "positives": positives,
-                "negatives": negatives,
-                "answer": gsm8k_format_answer(ground_truth, where),
-                "correct_samples": sum(correct for _, correct, _ in samples),
-                "incorrect_samples": sum(not correct for _, correct, _ in samples),
-            }
-        )
-    if not questions:
-        raise DataError("no records", source=str(input_path))
-
+    questions = _read_questions(input_path)
     order = list(range(len(questions)))
     random.Random(seed).shuffle(order)
-    n_heldout = round(heldout_fraction * len(questions))
-    heldout = set(order[:n_heldout])
-
-    def pairs(indices: list[int]) -> list[dict[str, Any]]:
-        rows = []
-        for index in indices:
-            item = questions[index]
-            if not item["negatives"]:
-                continue
-            rejected: str | list[str] = (
-                item["negatives"][0] if len(item["negatives"]) == 1 else item["negatives"]
-            )
-            prompt = gsm8k_prompt(item["question"])
-            rows.extend(
-                {"prompt": prompt, "chosen": positive, "rejected": rejected} for positive in item["positives"]
-            )
-        return rows
-
+    heldout = set(order[: round(heldout_fraction * len(questions))])
     train_indices = [index for index in range(len(questions)) if index not in heldout]
     heldout_indices = sorted(heldout)
-    train_rows, heldout_rows = pairs(train_indices), pairs(heldout_indices)
+    train_rows, heldout_rows = _pairs(questions, train_indices), _pairs(questions, heldout_indices)
     eval_rows = [
         {"question": questions[i]["question"], "answer": questions[i]["answer"]} for i in heldout_indices
     ]
@@ -166,3 +122,51 @@ def convert_gsm8k_pairs(
     }
     atomic_write_json(output_dir / MANIFEST_FILE, manifest)
     return counts
+
+
+def _read_questions(input_path: str | Path) -> list[dict[str, Any]]:
+    """Each record's question, its distinct correct (``positives``: the ground truth first) and wrong
+    (``negatives``) solutions, its answer in GSM8K's format; a repeated question is an error."""
+    questions: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    for number, record in read_jsonl(input_path):
+        where = f"{input_path}:{number}"
+        question = _string(record, "question", where)
+        ground_truth = _string(record, "ground_truth", where)
+        if question.strip() in seen:
+            raise DataError(
+                f"question repeats the one at {seen[question.strip()]}", source=where, field="question"
+            )
+        seen[question.strip()] = where
+        samples = _samples(record, where)
+        positives = _unique([ground_truth] + [text for _, correct, text in samples if correct])
+        negatives = _unique([text for _, correct, text in samples if not correct])
+        questions.append(
+            {
+                "question": question,
+                "positives": positives,
+                "negatives": [text for text in negatives if text not in positives],
+                "answer": gsm8k_format_answer(ground_truth, where),
+                "correct_samples": sum(correct for _, correct, _ in samples),
+                "incorrect_samples": sum(not correct for _, correct, _ in samples),
+            }
+        )
+    if not questions:
+        raise DataError("no records", source=str(input_path))
+    return questions
+
+
+def _pairs(questions: list[dict[str, Any]], indices: list[int]) -> list[dict[str, Any]]:
+    """One row per correct solution of each question that has a wrong one: chosen the correct
+    solution, rejected the wrong one (or the list of them)."""
+    rows = []
+    for index in indices:
+        item = questions[index]
+        if not item["negatives"]:
+            continue
+        rejected: str | list[str] = item["negatives"][0] if len(item["negatives"]) == 1 else item["negatives"]
+        prompt = gsm8k_prompt(item["question"])
+        rows.extend(
+            {"prompt": prompt, "chosen": positive, "rejected": rejected} for positive in item["positives"]
+        )
+    return rows

@@ -231,40 +231,52 @@ def run_default(
             examples,
             extra_summary={"data": "builtin arithmetic (on-policy negatives)", "arm": arm},
         )
-        final = summaries[arm]["final"]
-        comparison[arm] = {
-            **_accuracy_row(evaluate_arithmetic(policy, tokenizer, splits.heldout), n),
-            "chosen_change": final.get("logps/chosen_change", float("nan")),
-            "rejected_change": final.get("logps/rejected_change", float("nan")),
-            "output_dir": str(arm_dir(output_dir, arm)),
-            "settings": {
-                key: getattr(arm_opts, key)
-                for key in (
-                    "objective",
-                    "beta",
-                    "learning_rate",
-                    "max_steps",
-                    "batch_size",
-                    "sft_weight",
-                    "lr_scheduler",
-                    "warmup_ratio",
-                )
-            },  # fmt: skip
-        }
+        accuracy = evaluate_arithmetic(policy, tokenizer, splits.heldout)
+        comparison[arm] = _arm_row(arm, arm_opts, accuracy, n, summaries[arm]["final"], output_dir)
         del policy
     print(f"[{steps}/{steps}] plot and table", file=sys.stderr)
-    plot = plot_chosen(output_dir, {arm: comparison[arm] for arm in ARMS})
-    comparison["plot"] = str(plot)
+    comparison["plot"] = str(plot_chosen(output_dir, {arm: comparison[arm] for arm in ARMS}))
     comparison["total_seconds"] = round(time.perf_counter() - started, 1)
+    _write_outputs(output_dir, comparison, summaries, start_accuracy, len(examples))
+    return comparison
+
+
+# The settings of each arm that comparison.json records.
+ARM_SETTINGS = (
+    "objective",
+    "beta",
+    "learning_rate",
+    "max_steps",
+    "batch_size",
+    "sft_weight",
+    "lr_scheduler",
+    "warmup_ratio",
+)
+
+
+def _arm_row(arm: str, arm_opts, accuracy: float, n: int, final: dict, output_dir: Path) -> dict[str, Any]:
+    return {
+        **_accuracy_row(accuracy, n),
+        "chosen_change": final.get("logps/chosen_change", float("nan")),
+        "rejected_change": final.get("logps/rejected_change", float("nan")),
+        "output_dir": str(arm_dir(output_dir, arm)),
+        "settings": {key: getattr(arm_opts, key) for key in ARM_SETTINGS},
+    }
+
+
+def _write_outputs(
+    output_dir: Path, comparison: dict, summaries: dict, start_accuracy: float, pairs: int
+) -> None:
+    """comparison.json, the first arm's summary.json (it is the run in ``output_dir``), the table."""
     atomic_write_json(output_dir / COMPARISON_FILE, comparison)
     result = next(iter(ARMS))
     summary = {
         **summaries[result],
         "start_model": START_MODEL,
-        "heldout_problems": n,
+        "heldout_problems": comparison["heldout_problems"],
         "start_accuracy": start_accuracy,
         "final_accuracy": comparison[result]["heldout_accuracy"],
-        "pairs": len(examples),
+        "pairs": pairs,
         "comparison": str(output_dir / COMPARISON_FILE),
     }
     atomic_write_json(output_dir / "summary.json", summary)
@@ -275,4 +287,3 @@ def run_default(
         + ", ".join(f"{arm_dir(output_dir, arm)}/" for arm in list(ARMS)[1:])
         + f"; total {comparison['total_seconds']:.0f} s"
     )
-    return comparison
