@@ -139,3 +139,13 @@ def test_moved_modules_import_under_their_old_names_as_the_same_module():
     from miopt.logprobs.forward import sequence_logps as forward_sequence_logps
 
     assert sequence_logps is forward_sequence_logps
+
+
+def test_no_function_is_longer_than_a_reader_holds_in_their_head():
+    long = []
+    for path in (SOURCE / "miopt").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                if node.end_lineno - node.lineno + 1 > 60:
+                    long.append(f"{path.relative_to(SOURCE)}:{node.lineno} {node.name}")
+    assert long == []

@@ -81,6 +81,18 @@ def check_eval_options(options: EvalOptions) -> None:
     from miopt.run.run_folder import check_output_dir
 
     o = options
+    if not o.model:
+        raise OptionError("give --model (a model folder, or 'builtin')")
+    if not o.data:
+        raise OptionError("give --data (a JSONL file, or 'arithmetic')")
+    if o.num_samples < 1:
+        raise OptionError("--num-samples must be at least 1")
+    if o.num_samples > 1 and o.temperature <= 0:
+        raise OptionError("--num-samples > 1 needs sampling: give --temperature above 0 (e.g. 0.7)")
+    if o.limit is not None and o.limit < 1:
+        raise OptionError("--limit must be at least 1")
+    if o.few_shot < 0:
+        raise OptionError("--few-shot must be 0 or more")
     check_model_source(o.model)
     require(o.max_new_tokens >= 1, "--max-new-tokens", ">= 1", o.max_new_tokens)
     require(o.batch_size >= 1, "--batch-size", ">= 1", o.batch_size)
@@ -95,35 +107,10 @@ def check_eval_options(options: EvalOptions) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from miopt.evaluation.runner import EvalSettings, evaluate
-    from miopt.evaluation.tasks import few_shot_prefix, load_records
-    from miopt.run.atomic_io import atomic_write_json, atomic_write_jsonl
 
     options = resolve(EvalOptions, args)
-    if not options.model:
-        raise OptionError("give --model (a model folder, or 'builtin')")
-    if not options.data:
-        raise OptionError("give --data (a JSONL file, or 'arithmetic')")
-    if options.num_samples < 1:
-        raise OptionError("--num-samples must be at least 1")
-    if options.num_samples > 1 and options.temperature <= 0:
-        raise OptionError("--num-samples > 1 needs sampling: give --temperature above 0 (e.g. 0.7)")
-    if options.limit is not None and options.limit < 1:
-        raise OptionError("--limit must be at least 1")
-    if options.few_shot < 0:
-        raise OptionError("--few-shot must be 0 or more")
     check_eval_options(options)
-
-    prefix = ""
-    if options.few_shot and options.few_shot_file:
-        examples = load_records(options.few_shot_file, limit=options.few_shot)
-        records = load_records(options.data, limit=options.limit)
-    else:
-        extra = options.few_shot
-        records = load_records(options.data, limit=None if options.limit is None else options.limit + extra)
-        examples, records = records[:extra], records[extra:]
-    if options.few_shot:
-        prefix = few_shot_prefix(examples)
-
+    records, prefix = _records_and_prefix(options)
     model, tokenizer = load_model(options.model, device=options.device, dtype=options.dtype)
     settings = EvalSettings(
         max_new_tokens=options.max_new_tokens,
@@ -141,11 +128,37 @@ def run(args: argparse.Namespace) -> int:
     )
     summary, predictions = evaluate(model, tokenizer, records, settings)
     summary = {"model": options.model, "data": options.data, **summary, "options": as_dict(options)}
+    _print_summary(summary, options.data)
+    if options.output_dir:
+        from miopt.run.atomic_io import atomic_write_json, atomic_write_jsonl
 
+        output = Path(options.output_dir)
+        atomic_write_json(output / "summary.json", summary)
+        atomic_write_jsonl(output / "predictions.jsonl", predictions)
+        print(f"wrote {output / 'summary.json'} and {output / 'predictions.jsonl'}", file=sys.stderr)
+    return 0
+
+
+def _records_and_prefix(options: EvalOptions):
+    """The records to score and the few-shot prefix: the examples come from ``--few-shot-file``, or
+    else are the first ``--few-shot`` records of ``--data`` (then not scored)."""
+    from miopt.evaluation.tasks import few_shot_prefix, load_records
+
+    if options.few_shot and options.few_shot_file:
+        examples = load_records(options.few_shot_file, limit=options.few_shot)
+        records = load_records(options.data, limit=options.limit)
+    else:
+        extra = options.few_shot
+        records = load_records(options.data, limit=None if options.limit is None else options.limit + extra)
+        examples, records = records[:extra], records[extra:]
+    return records, few_shot_prefix(examples) if options.few_shot else ""
+
+
+def _print_summary(summary: dict, data: str) -> None:
     low, high = summary["ci95"]
     print(
         f"accuracy {summary['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}, Wilson) "
-        f"= {summary['correct']}/{summary['n']} on {options.data}"
+        f"= {summary['correct']}/{summary['n']} on {data}"
     )
     if "choice" in summary:
         part = summary["choice"]
@@ -157,9 +170,3 @@ def run(args: argparse.Namespace) -> int:
     for key, value in summary.get("generation", {}).items():
         if key.startswith("pass@") or key == "majority_vote_accuracy":
             print(f"{key} {value:.4f}")
-    if options.output_dir:
-        output = Path(options.output_dir)
-        atomic_write_json(output / "summary.json", summary)
-        atomic_write_jsonl(output / "predictions.jsonl", predictions)
-        print(f"wrote {output / 'summary.json'} and {output / 'predictions.jsonl'}", file=sys.stderr)
-    return 0

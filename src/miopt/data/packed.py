@@ -294,6 +294,11 @@ def collate_packed(
             rows.score(row, offset, units[index])
             offset += sizes[index]
         rows.pad(row, offset)
+    return _as_batch(rows, examples, share_prompt)
+
+
+def _as_batch(rows: _Rows, examples: Sequence[TokenizedExample], share_prompt: bool) -> PackedBatch:
+    """The filled rows as tensors, with the gather indices of the rejected responses."""
     return PackedBatch(
         input_ids=torch.from_numpy(rows.input_ids),
         position_ids=torch.from_numpy(rows.position_ids),

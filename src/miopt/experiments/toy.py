@@ -353,45 +353,56 @@ def run_onpolicy(
             curve.correct_logps[name].append(float(logps[p, ONPOLICY_CORRECT].detach()))
         if step == steps:
             break
-        probs = logps.detach().exp()
-        rows: list[tuple[int, int, list[int]]] = []  # (prompt, positive response, negative responses)
-        for p, name in enumerate(names):
-            drawn = torch.multinomial(probs[p], samples, replacement=True, generator=generators[p]).tolist()
-            positives = [y for y in drawn if y == ONPOLICY_CORRECT]
-            negatives = [y for y in drawn if y != ONPOLICY_CORRECT]
-            if positives:
-                curve.correct_sampled[name] += len(positives)
-                if curve.first_sampled[name] is None:
-                    curve.first_sampled[name] = step
-            elif inject:
-                positives = [ONPOLICY_CORRECT]
-                curve.injections += 1
-            if positives and negatives:
-                curve.updates[name] += 1
-                rows.extend((p, y, negatives) for y in positives)
+        rows = _sampled_rows(logps.detach().exp(), generators, samples, inject, curve, step)
         if not rows:
             continue
-        width = max(len(negs) for _, _, negs in rows)
-        prompt_idx = torch.tensor([p for p, _, _ in rows])
-        chosen_idx = torch.tensor([y for _, y, _ in rows])
-        rejected_idx = torch.tensor([negs + [negs[0]] * (width - len(negs)) for _, _, negs in rows])
-        mask = torch.tensor([[k < len(negs) for k in range(width)] for _, _, negs in rows])
-        rows_per_prompt = torch.bincount(prompt_idx, minlength=len(names)).to(DTYPE)
-        losses = _objective_losses(
-            loss_fn,
-            logps[prompt_idx, chosen_idx],
-            logps[prompt_idx.unsqueeze(-1), rejected_idx],
-            ref[prompt_idx, chosen_idx],
-            ref[prompt_idx.unsqueeze(-1), rejected_idx],
-            mask,
-            beta,
-        )
-        loss = (losses / rows_per_prompt[prompt_idx]).sum()
+        loss = _onpolicy_loss(loss_fn, logps, ref, rows, beta)
         if _nonfinite(loss):
             curve.diverged_at = step
             break
         _sgd_step(theta, loss, lr)
     return curve
+
+
+def _sampled_rows(probs: Tensor, generators, samples: int, inject: bool, curve: OnPolicyCurve, step: int):
+    """One step's training rows ``(prompt, positive response, negative responses)`` from ``samples``
+    draws per prompt; the curve's sampling counts are updated."""
+    rows: list[tuple[int, int, list[int]]] = []
+    for p, name in enumerate(ONPOLICY_PROMPTS):
+        drawn = torch.multinomial(probs[p], samples, replacement=True, generator=generators[p]).tolist()
+        positives = [y for y in drawn if y == ONPOLICY_CORRECT]
+        negatives = [y for y in drawn if y != ONPOLICY_CORRECT]
+        if positives:
+            curve.correct_sampled[name] += len(positives)
+            if curve.first_sampled[name] is None:
+                curve.first_sampled[name] = step
+        elif inject:
+            positives = [ONPOLICY_CORRECT]
+            curve.injections += 1
+        if positives and negatives:
+            curve.updates[name] += 1
+            rows.extend((p, y, negatives) for y in positives)
+    return rows
+
+
+def _onpolicy_loss(loss_fn, logps: Tensor, ref: Tensor, rows, beta: float) -> Tensor:
+    """The sum over prompts of the mean loss over that prompt's rows (negatives padded, masked)."""
+    width = max(len(negs) for _, _, negs in rows)
+    prompt_idx = torch.tensor([p for p, _, _ in rows])
+    chosen_idx = torch.tensor([y for _, y, _ in rows])
+    rejected_idx = torch.tensor([negs + [negs[0]] * (width - len(negs)) for _, _, negs in rows])
+    mask = torch.tensor([[k < len(negs) for k in range(width)] for _, _, negs in rows])
+    rows_per_prompt = torch.bincount(prompt_idx, minlength=len(ONPOLICY_PROMPTS)).to(DTYPE)
+    losses = _objective_losses(
+        loss_fn,
+        logps[prompt_idx, chosen_idx],
+        logps[prompt_idx.unsqueeze(-1), rejected_idx],
+        ref[prompt_idx, chosen_idx],
+        ref[prompt_idx.unsqueeze(-1), rejected_idx],
+        mask,
+        beta,
+    )
+    return (losses / rows_per_prompt[prompt_idx]).sum()
 
 
 def run_all(

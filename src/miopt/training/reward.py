@@ -27,15 +27,18 @@ from typing import Any
 import torch
 
 from miopt.config import option
-from miopt.data.tokenize import TokenizedExample, collate
+from miopt.data import load_preference_records
+from miopt.data.tokenize import TokenizedExample, collate, tokenize_preferences
 from miopt.errors import OptionError
 from miopt.model.loading import check_model_source
 from miopt.objectives.bradley_terry import bradley_terry, pair_accuracy
 from miopt.run.atomic_io import atomic_write_json
 from miopt.run.engine import full_state_dict, make_accelerator
 from miopt.run.loop import LoopOptions, check_loop_options, run_loop
+from miopt.run.plots import plot_training_curves
 from miopt.run.preemption import stop_after
 from miopt.run.ranks import is_main_process
+from miopt.training.preference import load_examples, save_model
 
 BUILTIN = "builtin"
 
@@ -166,11 +169,6 @@ def split_heldout(count: int, fraction: float, seed: int) -> tuple[list[int], li
 
 def train_reward(options: RewardOptions) -> dict[str, Any]:
     """Run ``miopt reward``: validate, split, train with the shared loop, evaluate, save."""
-    from miopt.data import load_preference_records
-    from miopt.data.tokenize import tokenize_preferences
-    from miopt.run.plots import plot_training_curves
-    from miopt.training.preference import load_examples, save_model
-
     check_reward_options(options)
     main = is_main_process()
     tokenizer, examples, load_report, token_report = load_examples(
@@ -203,34 +201,43 @@ def train_reward(options: RewardOptions) -> dict[str, Any]:
         state_dict = full_state_dict(accelerator, model)
         summary: dict[str, Any] = {}
         if accelerator.is_main_process:
-            output_dir = Path(options.output_dir)
-            save_model(model, tokenizer, output_dir, state_dict=state_dict)
-            plot_training_curves(
-                result.history, output_dir / "curves.png", title="reward model (Bradley-Terry)"
-            )
-            summary = {
-                "kind": "reward-model",
-                "steps": result.steps,
-                "resumed_from_step": result.resumed_from,
+            save_model(model, tokenizer, options.output_dir, state_dict=state_dict)
+            details = {
                 "train_records": len(train_examples),
                 "heldout_records": len(heldout),
                 "heldout_pairs": comparisons,
                 "heldout_pair_accuracy": accuracy if heldout else None,
                 "seconds": round(time.perf_counter() - started, 2),
-                "first": result.history[0] if result.history else {},
-                "final": result.history[-1] if result.history else {},
-                "data": options.data,
-                "skipped_records": load_report.skipped,
-                "truncated_records": token_report.truncated,
-                "options": dataclasses.asdict(options),
             }
-            atomic_write_json(output_dir / "summary.json", summary)
+            summary = _write_summary(options, result, details, load_report.skipped, token_report.truncated)
             if heldout:
                 print(
                     f"held-out pair accuracy {accuracy:.3f} ({comparisons} comparisons, {len(heldout)} records)",
                     file=sys.stderr,
                 )
         accelerator.wait_for_everyone()
+    return summary
+
+
+def _write_summary(
+    options: RewardOptions, result, details: dict[str, Any], skipped: int, truncated: int
+) -> dict:
+    """``curves.png`` and ``summary.json`` of a finished reward-model run (main process)."""
+    output_dir = Path(options.output_dir)
+    plot_training_curves(result.history, output_dir / "curves.png", title="reward model (Bradley-Terry)")
+    summary = {
+        "kind": "reward-model",
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from,
+        **details,
+        "first": result.history[0] if result.history else {},
+        "final": result.history[-1] if result.history else {},
+        "data": options.data,
+        "skipped_records": skipped,
+        "truncated_records": truncated,
+        "options": dataclasses.asdict(options),
+    }
+    atomic_write_json(output_dir / "summary.json", summary)
     return summary
 
 
