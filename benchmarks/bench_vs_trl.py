@@ -167,7 +167,7 @@ def side_miopt(spec: dict) -> dict:
         batch_size=spec["batch_size"],
         chunk_tokens=DEFAULT_CHUNK_TOKENS,
         progress=False,
-        autocast=accelerator.autocast,
+        accelerator=accelerator,
         packing=spec["packing"],
     )
     modifiers = spec["modifiers"]
@@ -179,7 +179,6 @@ def side_miopt(spec: dict) -> dict:
         chunk_tokens=DEFAULT_CHUNK_TOKENS,
         packing=spec["packing"],
         ld_alpha=modifiers.get("ld_alpha"),
-        use_weighting=modifiers.get("use_weighting", False),
     )
     setup = time.perf_counter() - setup
     options = LoopOptions(

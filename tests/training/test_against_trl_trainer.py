@@ -149,7 +149,6 @@ def miopt_side(policy_dir, reference_dir, objective_name, beta, modifiers=None):
         pad_token_id=pad,
         chunk_tokens=DEFAULT_CHUNK_TOKENS,
         ld_alpha=modifiers.get("ld_alpha"),
-        use_weighting=modifiers.get("use_weighting", False),
     )
     loss, metrics = step(model, list(range(len(examples))))
     return model, loss, metrics, examples, pad

@@ -367,7 +367,7 @@ def test_wpo_step_weights_each_pair_by_its_responses(tiny_model, packing):
     step = make_step_function(
         objectives.build("dpo", {"use_weighting": True}),
         PreferenceData(examples, reference),
-        beta=0.5, pad_token_id=0, chunk_tokens=4, packing=packing, use_weighting=True,
+        beta=0.5, pad_token_id=0, chunk_tokens=4, packing=packing,
     )  # fmt: skip
     loss, _ = step(tiny_model, [0, 1])
 

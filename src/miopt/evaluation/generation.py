@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
-
 try:  # transformers >= 5.2x names the KV cache argument of generate ``cache``, before ``past_key_values``
     from transformers.generation.utils import ALL_CACHE_NAMES
 

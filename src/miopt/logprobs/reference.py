@@ -82,7 +82,6 @@ def compute_reference_logps(
     *,
     batch_size: int = 16,
     chunk_tokens: int = 1024,
-    autocast: Callable | None = None,
     progress: bool = True,
     accelerator=None,
     packing: str = "padded",
@@ -91,8 +90,9 @@ def compute_reference_logps(
     LD-DPO tail sums, in the batch layout ``packing`` (:func:`miopt.logprobs.packing.make_batch`; training
     passes its own, so the critic is exactly zero at the first step).
 
-    With an ``accelerator`` of several processes, each computes a contiguous share of the examples
-    and the shares are gathered, so every process returns the whole result.
+    With an ``accelerator``, the passes run under its autocast (bf16 when it trains in bf16); with
+    several processes, each computes a contiguous share of the examples and the shares are gathered,
+    so every process returns the whole result.
     """
     from tqdm.auto import tqdm
 
@@ -111,7 +111,7 @@ def compute_reference_logps(
     first, last = len(examples) * rank // world, len(examples) * (rank + 1) // world
     starts = range(first, last, batch_size)
     for start in tqdm(starts, desc="reference log-probs", disable=not progress, leave=False):
-        context = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
+        context = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
         with context:
             batch = make_batch(examples[start : min(start + batch_size, last)], pad_token_id, packing, model)
             batch = batch.to(device)

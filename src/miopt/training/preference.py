@@ -49,7 +49,6 @@ from miopt.training.objective_flags import (
     given_objective_options,
     ld_alpha_of,
     objective_options,
-    uses_weighting,
 )
 from miopt.training.option_checks import check_model_options, check_model_sources, check_preference_ranges
 from miopt.training.preference_step import PreferenceData, make_step_function
@@ -291,7 +290,6 @@ def reference_logps(
             pad_token_id,
             batch_size=max(options.batch_size, 8),
             chunk_tokens=options.logprob_chunk,
-            autocast=accelerator.autocast,
             progress=options.progress and accelerator.is_main_process,
             accelerator=accelerator,
             packing=options.packing,
@@ -469,7 +467,7 @@ def _step_function(
     make_step = (
         make_unpaired_step_function
         if objective.unpaired
-        else partial(make_step_function, ld_alpha=ld_alpha_of(options), use_weighting=uses_weighting(options))
+        else partial(make_step_function, ld_alpha=ld_alpha_of(options))
     )
     return make_step(
         objective,

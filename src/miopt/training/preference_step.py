@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 from miopt.data.tokenize import TokenizedExample
 from miopt.logprobs.forward import as_pairs, pair_logps, sequence_logps
@@ -21,6 +20,7 @@ from miopt.logprobs.reference import ReferenceLogps, on_the_fly_reference
 from miopt.logprobs.weighted_pairs import wpo_inputs
 from miopt.model.modeling import unwrap
 from miopt.objectives.base import masked_mean
+from miopt.objectives.modifiers import WPO_INPUTS
 
 
 @dataclass
@@ -37,16 +37,14 @@ def make_step_function(
     pad_token_id: int,
     chunk_tokens: int,
     reference_model=None,
-    objective_kwargs: dict[str, Any] | None = None,
     packing: str = "shared-prompt",
     ld_alpha: float | None = None,
-    use_weighting: bool = False,
 ):
     """The training step ``step(model, indices) -> (loss, metrics)`` of ``objective`` on ``data``.
 
-    ``ld_alpha``: LD-DPO log-probs for policy and reference. ``use_weighting``: the objective is WPO-
-    weighted (:func:`miopt.objectives.with_wpo_weighting`) and gets its per-response inputs."""
-    objective_kwargs = objective_kwargs or {}
+    ``ld_alpha``: LD-DPO log-probs for policy and reference. A WPO-weighted objective (one that reads
+    :data:`~miopt.objectives.modifiers.WPO_INPUTS`) gets its per-response inputs from the same pass."""
+    use_weighting = bool(objective.inputs & WPO_INPUTS)
     reference_free = objective.reference_free
     reference_pairs = pair_logps if ld_alpha is None else partial(ld_pair_logps, ld_alpha=ld_alpha)
 
@@ -75,7 +73,6 @@ def make_step_function(
             chosen_lengths=policy.chosen_lengths,
             rejected_lengths=policy.rejected_lengths,
             **(wpo_inputs(result, batch) if use_weighting else {}),
-            **objective_kwargs,
         )
         metrics = output.metrics()
         rejected = policy.rejected.detach()

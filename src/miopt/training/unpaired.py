@@ -11,7 +11,6 @@ change against the reference and ``logps/rejected_change`` the undesirable ones'
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -66,12 +65,9 @@ def make_unpaired_step_function(
     pad_token_id: int,
     chunk_tokens: int,
     reference_model=None,
-    objective_kwargs: dict[str, Any] | None = None,
     packing: str = "shared-prompt",
 ):
     """The training step on unpaired examples (``data.examples`` of :class:`UnpairedExample`)."""
-
-    objective_kwargs = objective_kwargs or {}
 
     def step(model, indices: Sequence[int]):
         examples = [data.examples[i] for i in indices]
@@ -92,7 +88,6 @@ def make_unpaired_step_function(
             beta=beta,
             rejected_mask=policy.rejected_mask,
             labels=labels,
-            **objective_kwargs,
         )
         metrics = output.metrics()
         logps = policy.chosen.detach()
