@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,6 @@ def loglikelihoods(
 ) -> list[tuple[float, int]]:
     """For each (context, continuation): (sum of the continuation's token log-probabilities,
     number of continuation tokens). Batches are right-padded; padding is masked."""
-    from tqdm.auto import tqdm
 
     encoded = [
         encode_pair(tokenizer, context, continuation, add_special_tokens)

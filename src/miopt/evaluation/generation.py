@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 try:  # transformers >= 5.2x names the KV cache argument of generate ``cache``, before ``past_key_values``
@@ -221,7 +222,6 @@ def generate(
     options = dataclasses.replace(options or GenerationOptions(), **overrides)
     if not prompts:
         return []
-    from tqdm.auto import tqdm
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [

@@ -24,10 +24,15 @@ from typing import Any
 import torch
 
 from miopt.config import Preset, resolve
+from miopt.data.tokenize import tokenize_examples
 from miopt.errors import OptionError
-from miopt.model.loading import BUILTIN_ARITH
+from miopt.evaluation import evaluate_arithmetic
+from miopt.evaluation.generation import generate
+from miopt.evaluation.metrics import wilson_interval
+from miopt.model.loading import BUILTIN_ARITH, load_model, load_tokenizer
 from miopt.run.atomic_io import atomic_write_json
 from miopt.run.metrics_sink import METRICS_FILE, read_metrics
+from miopt.run.plots import save_figure
 from miopt.tasks import arithmetic
 from miopt.tasks.default import DefaultTask, task_splits
 from miopt.training.preference import TrainOptions, train_on_examples
@@ -95,8 +100,6 @@ def claim_output_dir(output_dir: Path) -> None:
 def on_policy_pairs(model, tokenizer, problems, task: DefaultTask, *, max_length: int, source: str):
     """Preference pairs from the problems the model gets wrong under greedy decoding: the correct
     worked solution (chosen) vs. the model's own wrong solution (rejected), tokenised."""
-    from miopt.data.tokenize import tokenize_examples
-    from miopt.evaluation.generation import generate
 
     outputs = generate(
         model, tokenizer, [p.prompt for p in problems], max_new_tokens=task.max_new_tokens, batch_size=256
@@ -124,7 +127,6 @@ def arm_options(options: TrainOptions, explicit: set[str], arm: str, output_dir:
 
 
 def _accuracy_row(accuracy: float, n: int) -> dict[str, Any]:
-    from miopt.evaluation.metrics import wilson_interval
 
     return {"heldout_accuracy": accuracy, "interval_95": list(wilson_interval(round(accuracy * n), n))}
 
@@ -138,8 +140,6 @@ def plot_chosen(output_dir: Path, arms: dict[str, dict[str, Any]]) -> Path:
     """One axis: each arm's chosen log-prob change against steps."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from miopt.run.plots import save_figure
 
     figure = Figure(figsize=(7, 4.4), layout="constrained")
     FigureCanvasAgg(figure)
@@ -186,8 +186,6 @@ def run_default(
     """The whole default pipeline; returns comparison.json's content. ``options``: None for the preset
     over the built-in defaults; ``explicit`` names the options the user set (flags, YAML), which keep
     their value over :data:`DEFAULT_PREFERENCE_OPTIONS` and over each arm's settings (:data:`ARMS`)."""
-    from miopt.evaluation import evaluate_arithmetic
-    from miopt.model.loading import load_model, load_tokenizer
 
     task = task or DefaultTask()
     options = options or resolve(TrainOptions, preset=DEFAULT_PREFERENCE_OPTIONS)

@@ -24,9 +24,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from miopt.data.sources import read_jsonl
+from miopt.data.tokenize import tokenize_examples
 from miopt.errors import DataError
 from miopt.logprobs.reference import default_cache_dir
 from miopt.run.atomic_io import atomic_directory, atomic_write_json, cache_lock, commit_directory
+from miopt.tasks.gsm8k import gsm8k_prompt
+from miopt.training.sft import SFTOptions, sft_on_examples
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 _HASH_LINE = re.compile(r"\n?[ \t]*####\s*([^\n]*)\s*$")
@@ -61,8 +65,6 @@ def solution_text(answer: str) -> str:
 
 def read_train(path: str | Path, limit: int | None = None) -> list[tuple[str, str]]:
     """(prompt, solution) pairs of a GSM8K-format JSONL file (``question``, ``answer``)."""
-    from miopt.data.sources import read_jsonl
-    from miopt.tasks.gsm8k import gsm8k_prompt
 
     path = Path(path)
     if not path.is_file():
@@ -120,7 +122,6 @@ def sft_cache_path(settings: Gsm8kSFTSettings) -> Path:
 
 def sft_examples(rows: Sequence[tuple[str, str]], tokenizer, max_length: int):
     """Tokenised SFT examples (solutions cut at ``max_length`` with the harness's truncation rule)."""
-    from miopt.data.tokenize import tokenize_examples
 
     return tokenize_examples(
         [prompt for prompt, _ in rows],
@@ -140,8 +141,9 @@ def warm_start(settings: Gsm8kSFTSettings, progress: bool = True) -> Path:
 
 
 def _warm_start(settings: Gsm8kSFTSettings, progress: bool, final: Path) -> Path:
+    # here, not at the top: ``miopt compare --help`` imports this module (its settings), and the
+    # built-in model's module loads transformers' model code (seconds at start-up)
     from miopt.model.builtin import build_model
-    from miopt.training.sft import SFTOptions, sft_on_examples
 
     if (final / "config.json").is_file():
         print(f"GSM8K SFT start: cached at {final}", file=sys.stderr)

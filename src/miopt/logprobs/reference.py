@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from miopt.data.tokenize import TokenizedExample
 from miopt.logprobs.forward import as_pairs, pair_logps, sequence_logps
@@ -94,7 +95,6 @@ def compute_reference_logps(
     several processes, each computes a contiguous share of the examples and the shares are gathered,
     so every process returns the whole result.
     """
-    from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import string
 
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -47,7 +48,6 @@ def build_model(
     seed: int = 0,
 ) -> LlamaForCausalLM:
     """A freshly initialised tiny Llama model (deterministic for a given seed)."""
-    import torch
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from miopt.errors import MioptError, OptionError
+from miopt.logprobs.reference import default_cache_dir
 from miopt.run.atomic_io import cache_lock, file_sha256
 
 
@@ -58,7 +59,6 @@ class FetchError(MioptError):
 
 
 def model_dir(name: str, cache_dir: str | Path | None = None) -> Path:
-    from miopt.logprobs.reference import default_cache_dir
 
     return Path(cache_dir or default_cache_dir()) / "models" / name
 

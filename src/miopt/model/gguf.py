@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from miopt.errors import OptionError
+from miopt.logprobs.reference import default_cache_dir
 from miopt.run.atomic_io import atomic_directory, cache_lock, commit_directory
 
 SUFFIX = ".gguf"
@@ -92,7 +93,6 @@ def fingerprint(spec: str) -> str:
 
 def converted_dir(spec: str, cache_dir: str | Path | None = None) -> Path:
     """Where the converted folder of ``spec`` lives (whether or not it exists yet)."""
-    from miopt.logprobs.reference import default_cache_dir
 
     stem = Path(spec).name[: -len(SUFFIX)]
     return Path(cache_dir or default_cache_dir()) / "gguf" / f"{stem}-{fingerprint(spec)}"

@@ -13,9 +13,13 @@ turns such names into what ``from_pretrained`` takes; every command calls it, an
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
+from importlib.resources import files
 from pathlib import Path
+
+import torch
 
 from miopt.errors import OptionError
 from miopt.model import gguf
@@ -30,7 +34,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 def shipped_model_dir(name: str = BUILTIN_ARITH) -> Path:
     """The package folder of a shipped model (through ``importlib.resources``, so an installed wheel
     finds it too)."""
-    from importlib.resources import files
 
     if name not in SHIPPED_MODELS:
         raise OptionError(f"unknown shipped model {name!r}; valid: {', '.join(SHIPPED_MODELS)}")
@@ -93,9 +96,6 @@ def load_tokenizer(path_or_id: str):
 
 def check_4bit_available() -> None:
     """4-bit loading needs bitsandbytes and a CUDA GPU; say which is missing."""
-    import importlib.util
-
-    import torch
 
     missing = []
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -123,7 +123,6 @@ def load_model(
         from miopt.model.builtin import build_model, build_tokenizer
 
         return build_model(tokenizer or build_tokenizer(), seed=seed)
-    import torch
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}

@@ -23,6 +23,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from miopt.evaluation.metrics import pass_at_k
 from miopt.evaluation.tasks import EvalRecord
 
 
@@ -143,7 +144,6 @@ def build_pairs_by_score(
 def sample_metrics(rewards: Sequence[Sequence[float]], threshold: float = 0.5) -> dict[str, float]:
     """pass@1 and pass@K on the sampled prompts (Chen et al. 2021, eq. 1, with ``n = k_max = K``),
     the fraction of prompts with no correct sample and the mean reward."""
-    from miopt.evaluation.metrics import pass_at_k
 
     if not rewards:
         return {"pass@1": 0.0, "pass@K": 0.0, "no_correct_fraction": 0.0, "reward_mean": 0.0}

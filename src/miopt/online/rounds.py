@@ -41,9 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from miopt.data.tokenize import tokenize_examples
 from miopt.errors import DataError, OptionError
-from miopt.evaluation.runner import complete_records
-from miopt.evaluation.tasks import EvalRecord
+from miopt.evaluation.runner import complete_records, evaluate
+from miopt.evaluation.tasks import EvalRecord, arithmetic_records, load_records
+from miopt.model.loading import BUILTIN_ARITH, load_model, load_tokenizer
 from miopt.model.modeling import unwrap
 from miopt.online.options import (
     ARITHMETIC,
@@ -74,9 +76,11 @@ from miopt.online.pairs import (
     score_distribution,
 )
 from miopt.online.scoring import RoundScorer, RoundScores, pair_round
+from miopt.online.verifiers import load_verifier
 from miopt.run.atomic_io import atomic_directory, atomic_write_json, commit_directory
 from miopt.run.engine import make_accelerator
-from miopt.training.preference import TrainOptions
+from miopt.run.run_folder import check_output_dir, lock_output_dir
+from miopt.training.preference import TrainOptions, save_model, train_on_examples
 
 # Final training metrics copied into each round's row.
 ROUND_METRICS = (
@@ -105,7 +109,6 @@ class OnlineTask:
 
 def load_task(options: OnlineOptions) -> OnlineTask:
     """The prompt pool and held-out records of ``--data`` (and ``--eval-data``)."""
-    from miopt.evaluation.tasks import arithmetic_records, load_records
 
     limit = options.eval_limit
     if options.data == ARITHMETIC:
@@ -146,7 +149,6 @@ def heldout_accuracy(
     progress: bool = False,
 ) -> float:
     """Greedy accuracy (pass@1 of greedy decoding) on the held-out records, by the evaluation harness."""
-    from miopt.evaluation.runner import evaluate
 
     summary, _ = evaluate(
         model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
@@ -175,7 +177,6 @@ def _starting_policy(options: OnlineOptions, progress: bool) -> str:
         return options.model
     if options.data != ARITHMETIC:
         raise OptionError("--model is required with --data FILE (a model folder, hub id or 'builtin')")
-    from miopt.model.loading import BUILTIN_ARITH
 
     return BUILTIN_ARITH
 
@@ -201,7 +202,6 @@ def _log(message: str) -> None:
 
 def make_scorer(options: OnlineOptions, device: Any) -> RoundScorer:
     """The verifier (unless ``--verifier none``) and the reward model (with ``--reward-model``)."""
-    from miopt.online.verifiers import load_verifier
 
     verifier = None if options.verifier == NO_VERIFIER else load_verifier(options.verifier)
     reward_model = None
@@ -219,9 +219,6 @@ def make_scorer(options: OnlineOptions, device: Any) -> RoundScorer:
 
 def run_online(options: OnlineOptions) -> dict[str, Any]:
     """All rounds of ``miopt online`` (module docstring); returns the summary written to summary.json."""
-    from miopt.model.loading import load_tokenizer
-    from miopt.online.verifiers import load_verifier
-    from miopt.run.run_folder import check_output_dir, lock_output_dir
 
     check_online_options(options)
     if options.verifier != NO_VERIFIER:
@@ -278,7 +275,6 @@ def run_online(options: OnlineOptions) -> dict[str, Any]:
 
 def start_round(options: OnlineOptions, task: OnlineTask, tokenizer, start: str) -> dict[str, Any]:
     """Round 0: the starting policy (saved when built in) and its held-out accuracy."""
-    from miopt.model.loading import load_model
 
     output_dir = Path(options.output_dir)
     started = time.perf_counter()
@@ -353,8 +349,6 @@ def update_policy(
     accelerator,
 ) -> dict[str, Any]:
     """Step 3: preference training on the round's pairs into ``folder``; returns the row's training part."""
-    from miopt.data.tokenize import tokenize_examples
-    from miopt.training.preference import save_model, train_on_examples
 
     examples, report = tokenize_examples(
         [pair.prompt for pair in pairs],
@@ -385,7 +379,6 @@ def run_round(
     options: OnlineOptions, index: int, task: OnlineTask, scorer: RoundScorer, tokenizer, start_dir: str
 ) -> dict[str, Any]:
     """Round ``index`` (>= 1): sample, score and pair, write, update, evaluate, commit ``round-NNN``."""
-    from miopt.model.loading import load_model
 
     output_dir = Path(options.output_dir)
     started = time.perf_counter()

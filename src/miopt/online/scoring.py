@@ -14,8 +14,11 @@ from typing import Any, Protocol
 
 import torch
 
+from miopt.data.tokenize import collate, tokenize_examples
 from miopt.evaluation.tasks import EvalRecord
+from miopt.model.loading import load_tokenizer
 from miopt.online.pairs import Pair, PairStats, build_pairs, build_pairs_by_score
+from miopt.training.reward import load_reward_model, sequence_scores
 
 
 class Scorer(Protocol):
@@ -30,8 +33,6 @@ class RewardModelScorer:
     def __init__(
         self, path: str, *, device: Any = "cpu", batch_size: int = 64, max_length: int = 1024
     ) -> None:
-        from miopt.model.loading import load_tokenizer
-        from miopt.training.reward import load_reward_model
 
         self.name = path
         self.tokenizer = load_tokenizer(path)
@@ -40,8 +41,6 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def score(self, records: Sequence[EvalRecord], samples: Sequence[Sequence[str]]) -> list[list[float]]:
-        from miopt.data.tokenize import collate, tokenize_examples
-        from miopt.training.reward import sequence_scores
 
         prompts = [record.prompt for record, texts in zip(records, samples) for _ in texts]
         completions = [(text,) for texts in samples for text in texts]

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from miopt.config import check_finite_floats, option
 from miopt.errors import MioptError, OptionError, require
@@ -472,7 +473,6 @@ def _train_steps(
 ) -> None:
     """The optimizer steps from ``plan.start_step + 1``: log on the ``--logging-steps`` grid, save on
     ``--save-steps``, and after a step that a SIGTERM or SIGINT came during, checkpoint and stop."""
-    from tqdm.auto import tqdm
 
     run, accelerator = plan.run, plan.run.accelerator
     batches = plan.order.iterate(plan.start_step * run.accumulation)

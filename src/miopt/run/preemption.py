@@ -18,6 +18,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from miopt.errors import MioptError
 from miopt.run.ranks import process_rank, world_size
 
@@ -123,7 +125,6 @@ class StopSignals:
         (one all-reduce, only when there are several processes), so all stop at the same step."""
         if accelerator.num_processes == 1:
             return self.received or 0
-        import torch
 
         flag = torch.tensor(float(self.received or 0), device=accelerator.device)
         signum = int(accelerator.reduce(flag, "max").item())

@@ -20,6 +20,7 @@ import dataclasses
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from miopt.data import load_preference_records
 from miopt.data.tokenize import TokenizedExample, collate, tokenize_preferences
 from miopt.errors import OptionError
 from miopt.model.loading import check_model_source
+from miopt.model.modeling import unwrap
 from miopt.objectives.bradley_terry import bradley_terry, pair_accuracy
 from miopt.run.atomic_io import atomic_write_json
 from miopt.run.engine import full_state_dict, make_accelerator
@@ -118,7 +120,6 @@ def sequence_scores(model, batch) -> torch.Tensor:
 def make_reward_step(examples: Sequence[TokenizedExample], pad_token_id: int):
     """The step function for :func:`miopt.run.loop.run_loop`: score chosen and rejected rows in one
     forward pass, then the Bradley-Terry loss and its metrics (``rewards/*`` = scores)."""
-    from miopt.model.modeling import unwrap
 
     def step(model, indices: Sequence[int]):
         device = next(unwrap(model).parameters()).device
@@ -136,9 +137,6 @@ def heldout_pair_accuracy(
 ) -> tuple[float, int]:
     """(pooled pair accuracy, number of comparisons) of ``model`` on ``examples``: the fraction of
     (chosen, rejected) comparisons whose chosen response scores strictly higher."""
-    from contextlib import nullcontext
-
-    from miopt.model.modeling import unwrap
 
     was_training = model.training
     model.eval()

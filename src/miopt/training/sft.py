@@ -15,7 +15,7 @@ from typing import Any
 
 from miopt.config import option
 from miopt.data import load_sft_records
-from miopt.data.tokenize import TokenizedExample, tokenize_sft
+from miopt.data.tokenize import TokenizedExample, tokenize_examples, tokenize_sft
 from miopt.errors import OptionError
 from miopt.logprobs.forward import DEFAULT_CHUNK_TOKENS, sequence_logps
 from miopt.logprobs.packing import make_batch
@@ -27,6 +27,7 @@ from miopt.run.loop import LoopOptions, check_loop_options, run_loop
 from miopt.run.plots import plot_training_curves
 from miopt.run.preemption import stop_after
 from miopt.run.run_folder import RunFolder
+from miopt.tasks.default import start_problems
 from miopt.training.option_checks import check_model_options, check_model_sources
 from miopt.training.preference import ModelOptions, apply_lora, load_examples, save_model
 
@@ -59,8 +60,6 @@ def arithmetic_examples(options: SFTOptions, tokenizer) -> list[TokenizedExample
     (:func:`miopt.tasks.default.start_problems`). Always ``ARITHMETIC_PROBLEMS`` of them (later epochs
     reshuffle them), so that the data order does not depend on ``--max-steps``: with a constant
     learning rate and no warmup, a run of N steps is exactly the first N steps of a longer one."""
-    from miopt.data.tokenize import tokenize_examples
-    from miopt.tasks.default import start_problems
 
     if options.max_steps < 1:
         raise OptionError("--data builtin:arithmetic needs --max-steps (one fresh problem per example)")

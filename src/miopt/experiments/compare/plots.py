@@ -6,7 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from miopt.experiments.compare.table import mean_std
+from miopt.run.plots import save_figure
 
 PLOTS = {
     "chosen": "chosen_logps.png",
@@ -46,7 +49,6 @@ def _curves(results, objective: str, quantity: str) -> tuple[list[int], list[lis
 
 
 def _band(axis, steps, series, colour, label) -> None:
-    import numpy as np
 
     values = np.array(series, dtype=float)
     mean = values.mean(0)
@@ -60,8 +62,6 @@ def plot_quantity(results, objectives: Sequence[str], quantity: str, path: Path,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import PercentFormatter
-
-    from miopt.run.plots import save_figure
 
     titles = {
         "chosen": ("chosen log-prob change  log pi(y_w) - log pi_ref(y_w)  [nats]", "chosen response"),

@@ -1,4 +1,8 @@
-"""``miopt compare``'s presets: what every run of a comparison shares (start, pairs, evaluation)."""
+"""``miopt compare``'s presets: what every run of a comparison shares (start, pairs, evaluation).
+
+The presets' steps import their machinery when they run: ``miopt compare --help`` imports this module
+to list the presets, and must not load the models' code (see miopt.commands).
+"""
 
 from __future__ import annotations
 

@@ -44,9 +44,12 @@ from miopt.experiments.compare.table import (
     machine_info,
     write_markdown,
 )
+from miopt.logprobs.reference import compute_reference_logps
+from miopt.model.loading import load_model, model_fingerprint
 from miopt.run.atomic_io import atomic_write_json
 from miopt.run.checkpoint import list_checkpoints
 from miopt.run.metrics_sink import METRICS_FILE, read_metrics
+from miopt.training.preference import TrainOptions, train_on_examples
 
 TRAINED_FILE = "trained.json"  # a run whose training finished: its key and training seconds
 VALIDATION_FILE = "validation.json"  # a selection run's validation accuracy
@@ -55,7 +58,6 @@ VALIDATION_FILE = "validation.json"  # a selection run's validation accuracy
 @torch.no_grad()
 def pair_metrics(model, tokenizer, examples, reference, *, batch_size: int = 64) -> dict[str, float]:
     """Pair accuracy and chosen/rejected log-prob change against ``reference`` over ``examples``."""
-    from miopt.logprobs.reference import compute_reference_logps
 
     if not examples:
         nan = float("nan")
@@ -94,7 +96,6 @@ def curve_summary(history: Sequence[dict[str, float]]) -> dict[str, Any]:
 
 
 def run_key(preset, objective: str, seed: int, preference: dict[str, Any], sft_dir: Path | str) -> str:
-    from miopt.model.loading import model_fingerprint
 
     start = [str(sft_dir), model_fingerprint(str(sft_dir))]
     text = json.dumps([repr(preset), objective, seed, sorted(preference.items()), start], default=str)
@@ -117,8 +118,6 @@ def trained_model(prepared: Prepared, spec: RunSpec, *, progress: bool, resume: 
     where an earlier invocation finished training it (its :data:`TRAINED_FILE` has the run's key).
     ``resume``: a run stopped part-way (preempted, killed) continues from its newest checkpoint.
     Returns the model and the training's wall seconds."""
-    from miopt.model.loading import load_model
-    from miopt.training.preference import TrainOptions, train_on_examples
 
     marker = spec.run_dir / TRAINED_FILE
     if resume and marker.is_file() and (done := json.loads(marker.read_text())).get("key") == spec.key:
@@ -181,7 +180,6 @@ def validation_score(prepared: Prepared, spec: RunSpec, *, progress: bool) -> fl
 def evaluate_start(prepared: Prepared, preset, output_dir: Path) -> tuple[dict[str, float], Any]:
     """The SFT start's accuracy (and pass@k where the preset samples), and the start model; kept in
     ``START_FILE`` and reused by a later invocation on the same start and preset."""
-    from miopt.model.loading import load_model
 
     key = run_key(preset, "start", 0, prepared.preference, prepared.sft_dir)
     path = output_dir / START_FILE
@@ -261,7 +259,6 @@ def _run_compare(options: CompareOptions, preset) -> dict[str, Any]:
 
 def _prepare(options: CompareOptions, preset, output_dir: Path):
     """The shared start, its evaluation, and the start's log-probs of the held-out pairs."""
-    from miopt.logprobs.reference import compute_reference_logps
 
     prepared = preset.prepare(output_dir, options.progress)
     if not prepared.examples:

@@ -30,15 +30,19 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from miopt.data.tokenize import TokenizedExample, tokenize_examples
+from miopt.errors import OptionError
 from miopt.evaluation import evaluate
 from miopt.evaluation.generation import generate
 from miopt.evaluation.tasks import arithmetic_records
 from miopt.experiments.compare.presets import Prepared, _apply
+from miopt.model.fetch import fetch
+from miopt.model.loading import load_model, load_tokenizer, model_fingerprint
 from miopt.online.pairs import build_pairs
 from miopt.run.atomic_io import atomic_write_json
 from miopt.run.checkpoint import list_checkpoints
 from miopt.tasks import arithmetic
 from miopt.tasks.default import DefaultTask, start_problems, task_splits
+from miopt.training.sft import SFTOptions, sft_on_examples
 
 # Operands 1-99, 3 or 4 of them (the built-in task). Measured: with 1-999 the fine-tuned start reached
 # 8.5%, 15.5%, 16.5% validation accuracy after 40, 80, 120 steps, far below a measurable 45-85%.
@@ -118,12 +122,10 @@ class SmolLM2ArithPreset:
     def model_source(self) -> str:
         if self.start_model:
             return self.start_model
-        from miopt.model.fetch import fetch
 
         return str(fetch("smollm2"))
 
     def prepare(self, output_dir: Path, progress: bool) -> Prepared:
-        from miopt.model.loading import load_model, load_tokenizer
 
         source = self.model_source()
         splits = task_splits(self.task)
@@ -219,7 +221,6 @@ def sampled_pairs(
 ) -> tuple[list[TokenizedExample], dict[str, int]]:
     """The start's own samples on ``problems`` -> tokenised examples (chosen, rejected...). The pairs
     are kept in ``cache`` (JSON) and read back by a later call on the same start and prompts."""
-    from miopt.model.loading import model_fingerprint
 
     key = [model_fingerprint(str(cache.parent / START_DIR)), [p.expression for p in problems]]
     key += [preset.samples, preset.task.max_new_tokens, preset.sft.seed]
@@ -313,7 +314,6 @@ def _sft_examples(preset: SmolLM2ArithPreset, tokenizer) -> list[TokenizedExampl
 
 
 def _segment_options(preset: SmolLM2ArithPreset, source: str, folder: Path, steps: int, progress: bool):
-    from miopt.training.sft import SFTOptions
 
     settings = preset.sft
     return SFTOptions(
@@ -340,8 +340,6 @@ def plateau_sft(preset: SmolLM2ArithPreset, source: str, validation, folder: Pat
     Resumable: a finished start is reused, an interrupted segment resumes from its checkpoint, the
     measured segments are not measured again, and a larger ``max_segments`` continues a start that
     stopped at the old limit."""
-    from miopt.model.loading import load_model, load_tokenizer
-    from miopt.training.sft import sft_on_examples
 
     settings = preset.sft
     record_path = folder / PLATEAU_FILE
@@ -380,7 +378,6 @@ def plateau_sft(preset: SmolLM2ArithPreset, source: str, validation, folder: Pat
 
 
 def raise_mismatch(folder: Path) -> None:
-    from miopt.errors import OptionError
 
     raise OptionError(
         f"{folder / PLATEAU_FILE}: this output folder's SFT start was made from another model or other "
