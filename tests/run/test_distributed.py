@@ -272,7 +272,8 @@ def test_shipped_config_set_is_complete():
 @pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
 def test_recipes_are_valid_train_configs(name):
     from miopt.config import resolve
-    from miopt.training.preference import TrainOptions, check_train_options
+    from miopt.training.option_checks import check_train_options
+    from miopt.training.preference import TrainOptions
 
     options = resolve(TrainOptions, {"config": str(RECIPES / name)})
     check_train_options(options)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from miopt.config import Preset, option
 from miopt.errors import OptionError
-from miopt.training.preference import TrainOptions, check_train_options
+from miopt.training.option_checks import check_train_options
+from miopt.training.preference import TrainOptions
 
 ARITHMETIC = "arithmetic"
 NO_VERIFIER = "none"

@@ -1,5 +1,6 @@
-"""Range checks of the model and preference options of ``train`` (and ``sft``), run before any
-data or model is loaded; each failure is one line naming the flag and what it accepts. The loop's
+"""The checks of ``train``'s options (and ``sft``'s model options), run before any data or model is
+loaded; each failure is one line naming the flag and what it accepts. :func:`check_train_options` is
+the one call for a training command. The loop's
 own options are checked in :func:`miopt.run.loop.check_loop_options`, NaN and infinity generically in
 :func:`miopt.config.check_finite_floats`."""
 
@@ -7,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from miopt.errors import require
-from miopt.model.loading import check_model_source
+from miopt.errors import OptionError, require
+from miopt.model.loading import check_4bit_available, check_model_source
+from miopt.run.loop import check_loop_options
+from miopt.training.objective_flags import objective_options
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -42,3 +45,27 @@ def check_preference_ranges(options: Any) -> None:
     require(o.sft_weight >= 0, "--sft-weight", ">= 0", o.sft_weight)
     warning = o.chosen_decline_warning
     require(warning >= 0, "--chosen-decline-warning", ">= 0 (0 disables)", warning)
+
+
+def check_train_options(options: Any) -> None:
+    """Every check of ``miopt train``'s options (and of the runs of ``online`` and ``compare``), in one
+    call before any data or model is loaded: the loop's, the model's, the objective's (by the
+    registry), the preference ranges, the LoRA and 4-bit rules, then the model names."""
+    check_loop_options(options)
+    check_model_options(options)
+    objective_options(options)
+    check_preference_ranges(options)
+    if options.merge_lora and not options.lora_r:
+        raise OptionError("--merge-lora needs --lora-r > 0")
+    if options.load_in_4bit:
+        if not options.lora_r:
+            raise OptionError(
+                "--load-in-4bit needs --lora-r > 0 (a 4-bit base is frozen; only adapters train)"
+            )
+        if options.merge_lora:
+            raise OptionError(
+                "--merge-lora with --load-in-4bit would merge into quantised weights; save the adapter and "
+                "merge it into the full-precision base afterwards (docs/distributed.md)"
+            )
+        check_4bit_available()
+    check_model_sources(options)

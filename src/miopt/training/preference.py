@@ -40,7 +40,7 @@ from miopt.model.modeling import disable_dropout, unwrap
 from miopt.run.atomic_io import atomic_directory, atomic_write_json, move_files_into, writing
 from miopt.run.checkpoint import kept_note
 from miopt.run.engine import full_state_dict, make_accelerator, sharded_setup
-from miopt.run.loop import LoopOptions, check_loop_options, run_loop
+from miopt.run.loop import LoopOptions, run_loop
 from miopt.run.plots import plot_training_curves
 from miopt.run.preemption import stop_after
 from miopt.run.ranks import is_main_process
@@ -48,9 +48,8 @@ from miopt.run.run_folder import RunFolder
 from miopt.training.objective_flags import (
     given_objective_options,
     ld_alpha_of,
-    objective_options,
 )
-from miopt.training.option_checks import check_model_options, check_model_sources, check_preference_ranges
+from miopt.training.option_checks import check_train_options
 from miopt.training.preference_step import PreferenceData, make_step_function
 from miopt.training.unpaired import as_unpaired, make_unpaired_step_function, unpaired_loaders
 
@@ -169,27 +168,6 @@ class TrainOptions(ModelOptions, LoopOptions):
     chosen_decline_warning: float = option(
         5.0, "Warn when the mean chosen log-prob falls this many nats below the reference (0 disables)."
     )
-
-
-def check_train_options(options: TrainOptions) -> None:
-    check_loop_options(options)
-    check_model_options(options)
-    objective_options(options)
-    check_preference_ranges(options)
-    if options.merge_lora and not options.lora_r:
-        raise OptionError("--merge-lora needs --lora-r > 0")
-    if options.load_in_4bit:
-        if not options.lora_r:
-            raise OptionError(
-                "--load-in-4bit needs --lora-r > 0 (a 4-bit base is frozen; only adapters train)"
-            )
-        if options.merge_lora:
-            raise OptionError(
-                "--merge-lora with --load-in-4bit would merge into quantised weights; save the adapter and "
-                "merge it into the full-precision base afterwards (docs/distributed.md)"
-            )
-        models.check_4bit_available()
-    check_model_sources(options)
 
 
 class ChosenDeclineMonitor:
