@@ -29,6 +29,7 @@ from miopt.logprobs.forward import chunked_token_logps, sequence_logps
 from miopt.logprobs.packing import collate_packed
 from miopt.logprobs.reference import compute_reference_logps
 from miopt.training.preference import PreferenceData, make_step_function
+from tests.helpers import read_metrics
 
 DEVICE = os.environ.get("MIOPT_TEST_DEVICE", "cuda")
 pytestmark = [
@@ -218,10 +219,6 @@ def test_generation_with_kv_cache_equals_greedy_without_cache(tokenizer):
         assert completion == tokenizer.decode(ids[0, start:], skip_special_tokens=True)
 
 
-def _metrics(folder) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_train_bf16_end_to_end_saves_resumes_and_reloads(small_model_dir, pairs_file, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -233,7 +230,7 @@ def test_train_bf16_end_to_end_saves_resumes_and_reloads(small_model_dir, pairs_
     common += ["--logging-steps", "1", "--progress", "false", "--cache-dir", str(tmp_path / "cache")]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert main(["train", *common, "--output-dir", str(full)]) == 0
-    rows = _metrics(full)
+    rows = read_metrics(full)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-2)  # policy = reference at step 1
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
@@ -242,7 +239,7 @@ def test_train_bf16_end_to_end_saves_resumes_and_reloads(small_model_dir, pairs_
     shutil.copytree(full / "checkpoint-0000002", resumed / "checkpoint-0000002")
     (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     assert main(["train", *common, "--output-dir", str(resumed), "--resume"]) == 0
-    for a, b in zip(rows, _metrics(resumed)):
+    for a, b in zip(rows, read_metrics(resumed)):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-3), a["step"]
     # reload: float32 weights that moved from the start, and a model that runs on the device
     start, final = load_file(small_model_dir / "model.safetensors"), load_file(full / "model.safetensors")

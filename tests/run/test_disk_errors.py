@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,8 +21,9 @@ from miopt.cli import main
 from miopt.errors import WriteError
 from miopt.run.atomic_io import atomic_write_text, format_bytes
 from miopt.run.checkpoint import checkpoint_bytes
+from tests.helpers import checkpoint_names, read_metrics, train_args, uninterrupted_run
 from tests.run.test_preemption import _assert_identical
-from tests.run.test_resume_and_run_folder import RUN, _args, _checkpoints, _metrics
+from tests.run.test_resume_and_run_folder import RUN
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,22 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
     """An uninterrupted run: six steps, checkpoints at steps 2 and 4."""
-    from miopt.model.builtin import build_model, build_tokenizer
-    from tests.conftest import write_pairs
-
-    root = tmp_path_factory.mktemp("disk")
-    tokenizer = build_tokenizer()
-    model_dir = root / "model"
-    build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    data = write_pairs(root / "pairs.jsonl")
-    out = root / "full"
-    assert main(_args(model_dir, data, out, *RUN, "--cache-dir", str(root / "cache"))) == 0
-    return SimpleNamespace(root=root, model=model_dir, data=data, out=out, cache=root / "cache")
+    return uninterrupted_run(tmp_path_factory.mktemp("disk"), RUN)
 
 
 def _train(full, out, *extra):
-    return main(_args(full.model, full.data, out, *RUN, "--cache-dir", str(full.cache), *extra))
+    return main(train_args(full.model, full.data, out, *RUN, "--cache-dir", str(full.cache), *extra))
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -98,7 +87,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_folder_as_it_was(full, monkey
     assert f"cannot write {out / 'checkpoint-0000004'} (optimizer.bin): No space left on device" in line
     assert f"the newest checkpoint, {out / 'checkpoint-0000002'}, and everything written before" in line
     assert _snapshot(out) == before and not _leftovers(out)
-    assert _checkpoints(out) == ["checkpoint-0000002"]
+    assert checkpoint_names(out) == ["checkpoint-0000002"]
 
     monkeypatch.undo()  # space freed: the run continues from step 2 and ends as if never stopped
     assert _train(full, out, "--resume", "latest") == 0
@@ -126,7 +115,7 @@ def test_a_refused_metrics_row_is_cut_off_and_the_run_resumes(full, monkeypatch,
     assert f"cannot write {out / 'metrics.jsonl'}: {os.strerror(errno.EDQUOT)}" in err
     assert "keeps its rows before step 5" in err and "checkpoint-0000004" in err and "Traceback" not in err
     assert _snapshot(out) == before and not _leftovers(out)
-    assert [row["step"] for row in _metrics(out)] == [1, 2, 3, 4]  # no torn line
+    assert [row["step"] for row in read_metrics(out)] == [1, 2, 3, 4]  # no torn line
     assert _train(full, out, "--resume") == 0
     _assert_identical(full.out, out)
 
@@ -147,7 +136,7 @@ def test_too_little_space_for_a_checkpoint_is_refused_before_training_with_the_s
         f"not enough space for a checkpoint (weights and optimizer) in {out}: it needs about "
         f"{format_bytes(needed)}, 1.0 KB free" in err
     )
-    assert not (out / "metrics.jsonl").exists() and not _checkpoints(out) and not _leftovers(out)
+    assert not (out / "metrics.jsonl").exists() and not checkpoint_names(out) and not _leftovers(out)
 
 
 def test_an_output_file_that_cannot_be_written_is_named_and_the_old_one_kept(tmp_path, monkeypatch):
@@ -173,7 +162,7 @@ def test_a_real_file_size_limit_fails_the_first_checkpoint_cleanly(full, tmp_pat
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    args = _args(full.model, full.data, out, *RUN, "--cache-dir", str(full.cache))
+    args = train_args(full.model, full.data, out, *RUN, "--cache-dir", str(full.cache))
     done = subprocess.run(
         [sys.executable, "-m", "miopt", *args],
         cwd=ROOT,
@@ -187,5 +176,5 @@ def test_a_real_file_size_limit_fails_the_first_checkpoint_cleanly(full, tmp_pat
     assert "Traceback" not in done.stderr
     assert f"cannot write {out / 'checkpoint-0000002'} (optimizer.bin): " in done.stderr
     assert "no checkpoint was written yet" in done.stderr
-    assert not _checkpoints(out) and not _leftovers(out)
-    assert [row["step"] for row in _metrics(out)] == [1, 2]
+    assert not checkpoint_names(out) and not _leftovers(out)
+    assert [row["step"] for row in read_metrics(out)] == [1, 2]

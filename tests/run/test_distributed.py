@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from miopt.cli import main
+from tests.helpers import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE_CONFIGS = ROOT / "examples" / "accelerate"
@@ -64,16 +65,12 @@ def _launch(args, config="ddp.yaml", processes=2) -> subprocess.CompletedProcess
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-def _metrics(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
 def _interrupted_copy(source: Path, target: Path, step: int) -> Path:
     """What a run killed after its step-``step`` checkpoint leaves: the checkpoint and the metrics so far."""
     target.mkdir(parents=True)
     name = f"checkpoint-{step:07d}"
     shutil.copytree(source / name, target / name)
-    rows = [row for row in _metrics(source) if row["step"] <= step]
+    rows = [row for row in read_metrics(source) if row["step"] <= step]
     (target / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return target
 
@@ -115,7 +112,7 @@ def runs(tmp_path_factory):
 
 
 def _assert_same_run(expected: Path, actual: Path, *, loss_tol: float, weight_tol: float) -> None:
-    expected_rows, actual_rows = _metrics(expected), _metrics(actual)
+    expected_rows, actual_rows = read_metrics(expected), read_metrics(actual)
     assert [row["step"] for row in actual_rows] == [row["step"] for row in expected_rows] == [1, 2, 3, 4]
     for a, b in zip(expected_rows, actual_rows):
         for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm", "lr"):
@@ -158,7 +155,7 @@ def assert_same_sft_run(model: Path, data: Path, root: Path, config: str, *extra
     assert main(_sft_args(model, data, single, 4, *extra)) == 0
     launched = _launch(_sft_args(model, data, launched_dir, 2), config=config)
     assert launched.returncode == 0, launched.stderr[-4000:]
-    expected_rows, actual_rows = _metrics(single), _metrics(launched_dir)
+    expected_rows, actual_rows = read_metrics(single), read_metrics(launched_dir)
     assert [row["step"] for row in actual_rows] == [row["step"] for row in expected_rows] == [1, 2, 3, 4]
     for a, b in zip(expected_rows, actual_rows):
         for key in ("loss", "logps/completion", "grad_norm", "lr"):

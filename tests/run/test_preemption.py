@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 from miopt.cli import main
 from miopt.run.checkpoint import checkpoint_problem
 from miopt.run.preemption import Interrupted, StopSignals
-from tests.run.test_resume_and_run_folder import _args, _checkpoints, _metrics
+from tests.helpers import checkpoint_names, read_metrics, train_args, uninterrupted_run
 
 ROOT = Path(__file__).resolve().parents[2]
 # Six optimizer steps of two micro-steps each, a checkpoint every two steps (all kept).
@@ -29,22 +28,11 @@ RUN = ("--max-steps", "6", "--save-steps", "2", "--save-total-limit", "0", "--ob
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
     """The uninterrupted run every stopped-and-resumed run must equal."""
-    from miopt.model.builtin import build_model, build_tokenizer
-    from tests.conftest import write_pairs
-
-    root = tmp_path_factory.mktemp("preemption")
-    tokenizer = build_tokenizer()
-    model_dir = root / "model"
-    build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    data = write_pairs(root / "pairs.jsonl")
-    out = root / "full"
-    assert main(_args(model_dir, data, out, *RUN, "--cache-dir", str(root / "cache"))) == 0
-    return SimpleNamespace(root=root, model=model_dir, data=data, out=out, cache=root / "cache")
+    return uninterrupted_run(tmp_path_factory.mktemp("preemption"), RUN)
 
 
 def _train(full, out, *extra):
-    return main(_args(full.model, full.data, out, *RUN, "--cache-dir", str(full.cache), *extra))
+    return main(train_args(full.model, full.data, out, *RUN, "--cache-dir", str(full.cache), *extra))
 
 
 def _signal_at_micro_step(monkeypatch, signum: int, micro_step: int) -> None:
@@ -69,9 +57,9 @@ def _signal_at_micro_step(monkeypatch, signum: int, micro_step: int) -> None:
 
 def _assert_identical(expected: Path, actual: Path) -> None:
     """Every metrics row and every weight equal, bit for bit."""
-    assert _metrics(actual) == [
+    assert read_metrics(actual) == [
         {**row, "pairs_per_second": got["pairs_per_second"]}
-        for row, got in zip(_metrics(expected), _metrics(actual))
+        for row, got in zip(read_metrics(expected), read_metrics(actual))
     ]
     want, got = load_file(expected / "model.safetensors"), load_file(actual / "model.safetensors")
     assert want.keys() == got.keys()
@@ -102,9 +90,9 @@ def test_sigterm_finishes_the_step_checkpoints_exits_143_and_resume_is_identical
     line = next(line for line in err.splitlines() if "stopped by SIGTERM" in line)
     assert f"stopped by SIGTERM after step 3; checkpoint {out / 'checkpoint-0000003'}" in line
     assert line.endswith("--resume latest") and "Traceback" not in err
-    assert _checkpoints(out) == ["checkpoint-0000002", "checkpoint-0000003"]
+    assert checkpoint_names(out) == ["checkpoint-0000002", "checkpoint-0000003"]
     assert checkpoint_problem(out / "checkpoint-0000003") is None
-    assert [row["step"] for row in _metrics(out)] == [1, 2, 3]  # step 3 ran to its end
+    assert [row["step"] for row in read_metrics(out)] == [1, 2, 3]  # step 3 ran to its end
     assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI's handlers are gone again
 
@@ -120,7 +108,7 @@ def test_sigint_on_a_save_step_exits_130_with_that_checkpoint_written_once(full,
     assert _train(full, out) == 130
     err = capsys.readouterr().err
     assert f"stopped by SIGINT after step 4; checkpoint {out / 'checkpoint-0000004'}" in err
-    assert _checkpoints(out) == ["checkpoint-0000002", "checkpoint-0000004"]
+    assert checkpoint_names(out) == ["checkpoint-0000002", "checkpoint-0000004"]
     monkeypatch.undo()
     assert _train(full, out, "--resume") == 0
     _assert_identical(full.out, out)
@@ -143,7 +131,7 @@ def test_a_third_signal_aborts_the_save_and_leaves_no_temporary(full, monkeypatc
     assert _train(full, out) == 143
     err = capfd.readouterr().err  # the handler's notes go straight to file descriptor 2
     assert "ignored while the run stops cleanly" in err and "aborted by a third SIGTERM" in err
-    assert _checkpoints(out) == ["checkpoint-0000002"]
+    assert checkpoint_names(out) == ["checkpoint-0000002"]
     assert not [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".old"))]
     assert checkpoint_problem(out / "checkpoint-0000002") is None
 
@@ -186,11 +174,11 @@ def test_sigterm_to_a_real_process_then_resume_equals_uninterrupted(full, tmp_pa
     steps = ("--max-steps", "12", "--save-steps", "0", "--objective", "dpo", "--seed", "3")
     reference = tmp_path / "reference"
     common = ("--cache-dir", str(full.cache))
-    assert main(_args(full.model, full.data, reference, *steps, *common)) == 0
+    assert main(train_args(full.model, full.data, reference, *steps, *common)) == 0
     out = tmp_path / "stopped"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "miopt", *_args(full.model, full.data, out, *steps, *common)],
+        [sys.executable, "-m", "miopt", *train_args(full.model, full.data, out, *steps, *common)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -206,11 +194,11 @@ def test_sigterm_to_a_real_process_then_resume_equals_uninterrupted(full, tmp_pa
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 143, err[-3000:]
-    stopped_at = _metrics(out)[-1]["step"]
+    stopped_at = read_metrics(out)[-1]["step"]
     assert 2 <= stopped_at < 12
-    assert _checkpoints(out) == [f"checkpoint-{stopped_at:07d}"]
+    assert checkpoint_names(out) == [f"checkpoint-{stopped_at:07d}"]
     assert f"stopped by SIGTERM after step {stopped_at}" in err and "Traceback" not in err
-    assert main(_args(full.model, full.data, out, *steps, *common, "--resume", "latest")) == 0
+    assert main(train_args(full.model, full.data, out, *steps, *common, "--resume", "latest")) == 0
     _assert_identical(reference, out)
 
 
@@ -263,7 +251,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_after_the_same_step(tmp_pat
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert "rank 0: stopped after step 3, exit 143" in done.stdout, done.stderr[-3000:]
     assert "rank 1: stopped after step 3, exit 143" in done.stdout
-    assert _checkpoints(out) == ["checkpoint-0000003"]
+    assert checkpoint_names(out) == ["checkpoint-0000003"]
     assert {p.name for p in (out / "checkpoint-0000003").glob("random_states_*.pkl")} == {
         "random_states_0.pkl",
         "random_states_1.pkl",

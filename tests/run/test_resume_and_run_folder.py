@@ -6,31 +6,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from miopt.cli import main
+from tests.helpers import checkpoint_names, read_metrics, train_args, uninterrupted_run
 
 LOG4 = math.log(4.0)
-
-
-def _args(model_dir, data, output, *extra):
-    return [
-        "train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(output),
-        "--batch-size", "4", "--learning-rate", "1e-3", "--logging-steps", "1", "--progress", "false",
-        "--beta", "0.5", *extra,
-    ]  # fmt: skip
-
-
-def _metrics(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-def _checkpoints(folder):
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-"))
 
 
 # Six steps, a checkpoint every two (kept: all), DPO.
@@ -51,19 +35,9 @@ RUN = (
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     """One uninterrupted run (checkpoints at steps 2 and 4), shared by the resume tests."""
-    from miopt.model.builtin import build_model, build_tokenizer
-    from tests.conftest import write_pairs
-
-    root = tmp_path_factory.mktemp("reliability")
-    tokenizer = build_tokenizer()
-    model_dir = root / "model"
-    build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    data = write_pairs(root / "pairs.jsonl")
-    out = root / "full"
-    assert main(_args(model_dir, data, out, *RUN, "--cache-dir", str(root / "cache"))) == 0
-    assert _checkpoints(out) == ["checkpoint-0000002", "checkpoint-0000004"]
-    return SimpleNamespace(root=root, model=model_dir, data=data, out=out, cache=root / "cache")
+    full = uninterrupted_run(tmp_path_factory.mktemp("reliability"), RUN)
+    assert checkpoint_names(full.out) == ["checkpoint-0000002", "checkpoint-0000004"]
+    return full
 
 
 def _killed_copy(full_run, name: str, step: int):
@@ -71,17 +45,17 @@ def _killed_copy(full_run, name: str, step: int):
     target = full_run.root / name
     target.mkdir()
     shutil.copy(full_run.out / "run.json", target / "run.json")
-    for folder in _checkpoints(full_run.out):
+    for folder in checkpoint_names(full_run.out):
         if int(folder.split("-")[1]) <= step:
             shutil.copytree(full_run.out / folder, target / folder)
-    rows = [row for row in _metrics(full_run.out) if row["step"] <= step]
+    rows = [row for row in read_metrics(full_run.out) if row["step"] <= step]
     (target / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return target
 
 
 def _resume(full_run, folder, *extra):
     return main(
-        _args(
+        train_args(
             full_run.model,
             full_run.data,
             folder,
@@ -95,8 +69,8 @@ def _resume(full_run, folder, *extra):
 
 
 def _assert_same_result(expected, actual):
-    assert [row["step"] for row in _metrics(actual)] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(_metrics(expected), _metrics(actual)):
+    assert [row["step"] for row in read_metrics(actual)] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(read_metrics(expected), read_metrics(actual)):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7), a["step"]
     want, got = load_file(expected / "model.safetensors"), load_file(actual / "model.safetensors")
     for name, tensor in want.items():
@@ -109,25 +83,25 @@ def _assert_same_result(expected, actual):
 def test_a_different_run_into_a_used_folder_is_refused_and_overwrite_gives_a_clean_run(full_run, capsys):
     used = shutil.copytree(full_run.out, full_run.root / "reused")
     other = ("--max-steps", "2", "--save-steps", "1", "--objective", "mio", "--seed", "7")
-    assert main(_args(full_run.model, full_run.data, used, *other)) == 2
+    assert main(train_args(full_run.model, full_run.data, used, *other)) == 2
     err = capsys.readouterr().err
     assert "already holds another run" in err and "--overwrite" in err and "Traceback" not in err
     assert json.loads((used / "run.json").read_text())["objective"] == "dpo"  # untouched
-    assert _checkpoints(used) == ["checkpoint-0000002", "checkpoint-0000004"]
+    assert checkpoint_names(used) == ["checkpoint-0000002", "checkpoint-0000004"]
 
     (used / "notes.txt").write_text("mine")  # not a run file: --overwrite keeps it
-    assert main(_args(full_run.model, full_run.data, used, *other, "--overwrite")) == 0
+    assert main(train_args(full_run.model, full_run.data, used, *other, "--overwrite")) == 0
     assert (used / "notes.txt").read_text() == "mine"
     summary = json.loads((used / "summary.json").read_text())
     assert summary["objective"] == "mio" and summary["steps"] == 2 and summary["resumed_from_step"] == 0
-    assert _checkpoints(used) == ["checkpoint-0000001"]  # its own, not outranked by the old run's
-    assert [row["step"] for row in _metrics(used)] == [1, 2]
-    assert _metrics(used)[0]["loss"] == pytest.approx(LOG4, abs=1e-5)  # a fresh start: policy = reference
+    assert checkpoint_names(used) == ["checkpoint-0000001"]  # its own, not outranked by the old run's
+    assert [row["step"] for row in read_metrics(used)] == [1, 2]
+    assert read_metrics(used)[0]["loss"] == pytest.approx(LOG4, abs=1e-5)  # a fresh start: policy = reference
 
 
 def test_resume_with_a_changed_defining_option_is_refused_naming_it(full_run, capsys):
     folder = _killed_copy(full_run, "changed", 4)
-    args = _args(full_run.model, full_run.data, folder, *RUN, "--objective", "mio", "--resume")
+    args = train_args(full_run.model, full_run.data, folder, *RUN, "--objective", "mio", "--resume")
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "--objective 'dpo' -> 'mio'" in err and "options differ" in err
@@ -142,7 +116,7 @@ def test_a_second_process_is_kept_out_by_the_lock(full_run, capsys):
     holder = RunFolder(TrainOptions(output_dir=str(folder), data=str(full_run.data)))
     holder.start()  # the first process, still running
     try:
-        assert main(_args(full_run.model, full_run.data, folder, "--max-steps", "1", "--resume")) == 2
+        assert main(train_args(full_run.model, full_run.data, folder, "--max-steps", "1", "--resume")) == 2
         assert "in use by another miopt process" in capsys.readouterr().err
     finally:
         holder.close()
@@ -153,9 +127,9 @@ def test_resume_without_a_checkpoint_starts_from_scratch_and_removes_stale_tempo
     folder = full_run.root / "requeued"
     (folder / ".checkpoint-0000009.abc.tmp").mkdir(parents=True)
     (folder / ".final-model.xyz.tmp").mkdir()
-    assert main(_args(full_run.model, full_run.data, folder, "--max-steps", "2", "--resume")) == 0
+    assert main(train_args(full_run.model, full_run.data, folder, "--max-steps", "2", "--resume")) == 0
     assert "no checkpoint in" in capsys.readouterr().err
-    assert [row["step"] for row in _metrics(folder)] == [1, 2]
+    assert [row["step"] for row in read_metrics(folder)] == [1, 2]
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -183,14 +157,14 @@ def test_a_nan_loss_stops_the_run_before_the_step_keeping_the_last_good_checkpoi
     monkeypatch.setattr(train_module, "make_step_function", poisoned)
     out = full_run.root / "nan"
     extra = ("--max-steps", "6", "--save-steps", "1", "--save-total-limit", "2")
-    assert main(_args(full_run.model, full_run.data, out, *extra)) == 2
+    assert main(train_args(full_run.model, full_run.data, out, *extra)) == 2
     err = capsys.readouterr().err
     assert "step 4: non-finite loss" in err and "checkpoint-0000003" in err and "Traceback" not in err
-    assert _checkpoints(out) == ["checkpoint-0000002", "checkpoint-0000003"]
+    assert checkpoint_names(out) == ["checkpoint-0000002", "checkpoint-0000003"]
     weights = load_file(out / "checkpoint-0000003" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
-    assert [row["step"] for row in _metrics(out)] == [1, 2, 3]
+    assert [row["step"] for row in read_metrics(out)] == [1, 2, 3]
 
 
 class _Scalar(torch.nn.Module):
@@ -209,7 +183,7 @@ def test_weights_that_overflow_are_never_checkpointed(tmp_path):
                           save_total_limit=1, progress=False)  # fmt: skip
     with pytest.raises(NonFiniteError, match="weights are no longer finite"):
         run_loop(options, model=_Scalar(), num_examples=4, step_fn=lambda model, idx: (-model.weight, {}))
-    assert _checkpoints(tmp_path) == ["checkpoint-0000002"]
+    assert checkpoint_names(tmp_path) == ["checkpoint-0000002"]
 
 
 # --- 3. checkpoints that survive damage --------------------------------------------------------------
@@ -256,7 +230,7 @@ def test_a_corrupted_reference_cache_entry_is_named_discarded_and_recomputed(ful
 
     cache = tmp_path / "cache"
     run = ("--max-steps", "1", "--objective", "mio", "--cache-dir", str(cache))
-    assert main(_args(full_run.model, full_run.data, tmp_path / "a", *run)) == 0
+    assert main(train_args(full_run.model, full_run.data, tmp_path / "a", *run)) == 0
     (entry,) = (cache / "reference").glob("*.safetensors")
     data = bytearray(entry.read_bytes())
     data[-4:] = torch.tensor([float("nan")]).numpy().tobytes()  # one value of the last tensor
@@ -264,11 +238,11 @@ def test_a_corrupted_reference_cache_entry_is_named_discarded_and_recomputed(ful
     assert decode_entry(bytes(data))[0] is None
     capsys.readouterr()
 
-    assert main(_args(full_run.model, full_run.data, tmp_path / "b", *run)) == 0
+    assert main(train_args(full_run.model, full_run.data, tmp_path / "b", *run)) == 0
     err = capsys.readouterr().err
     assert f"reference cache {entry}" in err and "discarded, recomputing" in err
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["reference_cached"] is False
-    assert _metrics(tmp_path / "b")[0]["loss"] == pytest.approx(LOG4, abs=1e-5)  # exact reference again
+    assert read_metrics(tmp_path / "b")[0]["loss"] == pytest.approx(LOG4, abs=1e-5)  # exact reference again
     logps, problem = decode_entry(entry.read_bytes())
     assert logps is not None and problem == ""
 

@@ -12,25 +12,14 @@ from miopt import objectives
 from miopt.cli import main
 from miopt.data.unpaired import load_unpaired_records, split_pairs, with_mismatched_completions
 from miopt.errors import DataError, OptionError
-
-
-def _args(model_dir, data, output, *extra):
-    return [
-        "train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(output),
-        "--batch-size", "4", "--learning-rate", "1e-3", "--logging-steps", "1", "--progress", "false",
-        "--beta", "0.5", *extra,
-    ]  # fmt: skip
-
-
-def _metrics(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+from tests.helpers import read_metrics, train_args
 
 
 @pytest.mark.parametrize("name", objectives.available())
 def test_every_objective_trains_end_to_end(name, small_model_dir, pairs_file, tmp_path):
     out = tmp_path / "run"
-    assert main(_args(small_model_dir, pairs_file, out, "--max-steps", "1", "--objective", name)) == 0
-    (row,) = _metrics(out)
+    assert main(train_args(small_model_dir, pairs_file, out, "--max-steps", "1", "--objective", name)) == 0
+    (row,) = read_metrics(out)
     keys = ["loss", "rewards/accuracies", "logps/chosen"]
     if not objectives.build(name).reference_free:  # simpo has no reference
         keys += ["logps/chosen_change", "logps/rejected_change"]
@@ -42,8 +31,8 @@ def test_every_objective_trains_end_to_end(name, small_model_dir, pairs_file, tm
 def test_combination_logs_each_term_and_their_weighted_sum(small_model_dir, pairs_file, tmp_path):
     out = tmp_path / "run"
     spec = "mio:1.0,sft:0.5"
-    assert main(_args(small_model_dir, pairs_file, out, "--max-steps", "1", "--objective", spec)) == 0
-    (row,) = _metrics(out)
+    assert main(train_args(small_model_dir, pairs_file, out, "--max-steps", "1", "--objective", spec)) == 0
+    (row,) = read_metrics(out)
     assert row["loss"] == pytest.approx(row["loss/mio"] + 0.5 * row["loss/sft"], rel=1e-5)
     assert row["loss/mio"] == pytest.approx(math.log(4.0), abs=1e-4)  # T = 0 at the first step
 
@@ -53,9 +42,9 @@ def test_objective_option_reaches_the_loss(small_model_dir, pairs_file, tmp_path
     values = []
     for eps in ("0.001", "0.3"):
         out = tmp_path / eps
-        args = _args(small_model_dir, pairs_file, out, "--max-steps", "1", "--objective", "exo_pair")
+        args = train_args(small_model_dir, pairs_file, out, "--max-steps", "1", "--objective", "exo_pair")
         assert main([*args, "--objective-option", f"label_smoothing={eps}"]) == 0
-        values.append(_metrics(out)[0]["loss"])
+        values.append(read_metrics(out)[0]["loss"])
     for eps, value in zip((0.001, 0.3), values):  # q = 1/2: log(1/2) - (log(1 - eps) + log eps) / 2
         assert value == pytest.approx(math.log(0.5) - 0.5 * (math.log(1 - eps) + math.log(eps)), abs=1e-4)
 
@@ -118,7 +107,7 @@ def test_bad_objective_options_fail_before_any_load(extra, message, tmp_path, ca
     monkeypatch.setattr(miopt.model.loading, "load_tokenizer", forbidden)
     monkeypatch.setattr(miopt.training.preference, "load_examples", forbidden)
     # Neither the data nor the model exists: the option error must come first.
-    args = _args(tmp_path / "no-model", tmp_path / "no-data.jsonl", tmp_path / "out", *extra)
+    args = train_args(tmp_path / "no-model", tmp_path / "no-data.jsonl", tmp_path / "out", *extra)
     assert main(args) != 0
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -147,8 +136,8 @@ def _unpaired_rows(count=16):
 def test_kto_trains_on_unpaired_data_and_logs_the_reference_point(small_model_dir, tmp_path):
     data = _write(tmp_path / "unpaired.jsonl", _unpaired_rows())
     out = tmp_path / "run"
-    assert main(_args(small_model_dir, data, out, "--max-steps", "3", "--objective", "kto")) == 0
-    rows = _metrics(out)
+    assert main(train_args(small_model_dir, data, out, "--max-steps", "3", "--objective", "kto")) == 0
+    rows = read_metrics(out)
     assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-4)  # T = 0 and z0 = 0: sigmoid(0)
     assert all(row["kl"] >= 0 for row in rows)
     assert {"rewards/chosen", "rewards/rejected", "logps/chosen_change", "logps/rejected_change"} <= set(
@@ -159,7 +148,7 @@ def test_kto_trains_on_unpaired_data_and_logs_the_reference_point(small_model_di
 
 def test_kto_splits_paired_data(small_model_dir, pairs_file, tmp_path):
     out = tmp_path / "run"
-    assert main(_args(small_model_dir, pairs_file, out, "--max-steps", "1", "--objective", "kto")) == 0
+    assert main(train_args(small_model_dir, pairs_file, out, "--max-steps", "1", "--objective", "kto")) == 0
     pairs = len(pairs_file.read_text().splitlines())
     assert json.loads((out / "summary.json").read_text())["examples"] == 2 * pairs
 
@@ -192,7 +181,7 @@ def test_unpaired_bad_label_through_the_cli(small_model_dir, tmp_path, capsys):
     data = _write(
         tmp_path / "data.jsonl", [*_unpaired_rows(3), {"prompt": "1+1=", "completion": "2", "label": "yes"}]
     )
-    code = main(_args(small_model_dir, data, tmp_path / "out", "--objective", "kto", "--max-steps", "1"))
+    code = main(train_args(small_model_dir, data, tmp_path / "out", "--objective", "kto", "--max-steps", "1"))
     assert code != 0
     assert f"{data}:4: field 'label': must be a boolean" in capsys.readouterr().err
 
@@ -394,10 +383,10 @@ def test_wpo_step_weights_each_pair_by_its_responses(tiny_model, packing):
 
 def test_use_weighting_trains_end_to_end(small_model_dir, pairs_file, tmp_path):
     plain, weighted = tmp_path / "plain", tmp_path / "weighted"
-    assert main(_args(small_model_dir, pairs_file, plain, "--max-steps", "2", "--objective", "dpo")) == 0
-    args = _args(small_model_dir, pairs_file, weighted, "--max-steps", "2", "--objective", "dpo")
+    assert main(train_args(small_model_dir, pairs_file, plain, "--max-steps", "2", "--objective", "dpo")) == 0
+    args = train_args(small_model_dir, pairs_file, weighted, "--max-steps", "2", "--objective", "dpo")
     assert main([*args, "--objective-option", "use_weighting=true"]) == 0
-    first_plain, first_weighted = _metrics(plain)[0], _metrics(weighted)[0]
+    first_plain, first_weighted = read_metrics(plain)[0], read_metrics(weighted)[0]
     assert first_plain["loss"] == pytest.approx(math.log(2.0), abs=1e-5)
     assert math.isfinite(first_weighted["loss"]) and first_weighted["loss"] != pytest.approx(math.log(2.0))
     assert first_weighted["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # weights scale the loss only
@@ -409,9 +398,9 @@ def test_ld_alpha_trains_from_the_reference_cache_as_from_a_reference_forward(
     losses = {}
     for reference in ("on-the-fly", "precompute", "precompute"):  # the second precompute reads the cache
         out = tmp_path / f"{reference}-{len(losses)}"
-        args = _args(small_model_dir, pairs_file, out, "--max-steps", "2", "--objective", "dpo")
+        args = train_args(small_model_dir, pairs_file, out, "--max-steps", "2", "--objective", "dpo")
         assert main([*args, "--reference", reference, "--objective-option", "ld_alpha=0.5"]) == 0
-        rows = _metrics(out)
+        rows = read_metrics(out)
         assert rows[0]["loss"] == pytest.approx(
             math.log(2.0), abs=1e-5
         )  # policy = reference at the first step

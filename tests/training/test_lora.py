@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from miopt.cli import main
+from tests.helpers import read_metrics
 
 TARGETS = ("q_proj", "v_proj")
 
@@ -22,10 +23,6 @@ def _train_args(model_dir, data, output, *extra):
         "--batch-size", "4", "--learning-rate", "1e-2", "--logging-steps", "1", "--progress", "false",
         "--beta", "0.5", "--lora-r", "4", "--lora-alpha", "8", "--lora-target-modules", *TARGETS, *extra,
     ]  # fmt: skip
-
-
-def _metrics(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 def _examples(tokenizer, pairs_file):
@@ -74,7 +71,7 @@ def test_precomputed_and_on_the_fly_lora_reference_agree(small_model_dir, pairs_
     assert main(_train_args(small_model_dir, pairs_file, tmp_path / "pre", *extra)) == 0
     fly = ("--reference", "on-the-fly")
     assert main(_train_args(small_model_dir, pairs_file, tmp_path / "fly", *extra, *fly)) == 0
-    for a, b in zip(_metrics(tmp_path / "pre"), _metrics(tmp_path / "fly")):
+    for a, b in zip(read_metrics(tmp_path / "pre"), read_metrics(tmp_path / "fly")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
         assert a["logps/chosen_change"] == pytest.approx(b["logps/chosen_change"], abs=1e-4)
 
@@ -150,7 +147,7 @@ def test_lora_under_two_processes_matches_one_process(small_model_dir, pairs_fil
     args[args.index("--batch-size") + 1] = "2"
     launched = _launch(args)
     assert launched.returncode == 0, launched.stderr[-4000:]
-    rows_single, rows_ddp = _metrics(single), _metrics(ddp)
+    rows_single, rows_ddp = read_metrics(single), read_metrics(ddp)
     assert rows_ddp[0]["loss"] == pytest.approx(torch.log(torch.tensor(4.0)).item(), abs=1e-5)
     for a, b in zip(rows_single, rows_ddp, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5)

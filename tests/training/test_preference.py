@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from miopt.cli import main
+from tests.helpers import read_metrics, train_args
 
 METRIC_NAMES = {
     "step",
@@ -29,24 +30,12 @@ METRIC_NAMES = {
 }
 
 
-def _train_args(model_dir, data, output, *extra):
-    return [
-        "train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(output),
-        "--batch-size", "4", "--learning-rate", "1e-3", "--logging-steps", "1", "--progress", "false",
-        "--beta", "0.5", *extra,
-    ]  # fmt: skip
-
-
-def _metrics(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_train_writes_a_loadable_checkpoint_metrics_summary_and_curves(small_model_dir, pairs_file, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
-    assert main(_train_args(small_model_dir, pairs_file, out, "--max-steps", "4", "--objective", "mio")) == 0
-    rows = _metrics(out)
+    assert main(train_args(small_model_dir, pairs_file, out, "--max-steps", "4", "--objective", "mio")) == 0
+    rows = read_metrics(out)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     assert METRIC_NAMES <= set(rows[0])
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in rows)
@@ -64,8 +53,8 @@ def test_train_writes_a_loadable_checkpoint_metrics_summary_and_curves(small_mod
 
 def test_mio_first_step_has_log4_loss_and_theory_gradient_weights(small_model_dir, pairs_file, tmp_path):
     out = tmp_path / "run"
-    assert main(_train_args(small_model_dir, pairs_file, out, "--max-steps", "1")) == 0
-    first = _metrics(out)[0]
+    assert main(train_args(small_model_dir, pairs_file, out, "--max-steps", "1")) == 0
+    first = read_metrics(out)[0]
     # At step 1 the policy equals the reference: T = 0, loss log 4, weights 1/4 and 1/4.
     assert first["loss"] == pytest.approx(torch.log(torch.tensor(4.0)).item(), abs=1e-5)
     assert first["grad_weight/chosen"] == pytest.approx(0.25, abs=1e-5)
@@ -86,7 +75,7 @@ def test_resume_continues_exactly(small_model_dir, pairs_file, tmp_path, monkeyp
         "2",
     )
     full = tmp_path / "full"
-    assert main(_train_args(small_model_dir, pairs_file, full, *args)) == 0
+    assert main(train_args(small_model_dir, pairs_file, full, *args)) == 0
 
     original = train_module.make_step_function
     calls = {"n": 0}
@@ -104,12 +93,12 @@ def test_resume_continues_exactly(small_model_dir, pairs_file, tmp_path, monkeyp
 
     part = tmp_path / "part"
     monkeypatch.setattr(train_module, "make_step_function", interrupted)
-    assert main(_train_args(small_model_dir, pairs_file, part, *args)) == 130
+    assert main(train_args(small_model_dir, pairs_file, part, *args)) == 130
     monkeypatch.setattr(train_module, "make_step_function", original)
     assert (part / "checkpoint-0000003").is_dir() and not (part / "model.safetensors").exists()
-    assert main(_train_args(small_model_dir, pairs_file, part, *args, "--resume")) == 0
+    assert main(train_args(small_model_dir, pairs_file, part, *args, "--resume")) == 0
 
-    full_rows, part_rows = _metrics(full), _metrics(part)
+    full_rows, part_rows = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in part_rows] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(full_rows, part_rows):
         for key in ("loss", "logps/chosen", "logps/rejected", "grad_norm", "lr"):
@@ -133,14 +122,14 @@ def test_resume_may_raise_max_steps_under_a_constant_schedule(small_model_dir, p
         "0",
     )
     full, extended = tmp_path / "full", tmp_path / "extended"
-    assert main(_train_args(small_model_dir, pairs_file, full, *constant, "--max-steps", "6")) == 0
-    assert main(_train_args(small_model_dir, pairs_file, extended, *constant, "--max-steps", "3")) == 0
+    assert main(train_args(small_model_dir, pairs_file, full, *constant, "--max-steps", "6")) == 0
+    assert main(train_args(small_model_dir, pairs_file, extended, *constant, "--max-steps", "3")) == 0
     assert (
-        main(_train_args(small_model_dir, pairs_file, extended, *constant, "--max-steps", "6", "--resume"))
+        main(train_args(small_model_dir, pairs_file, extended, *constant, "--max-steps", "6", "--resume"))
         == 0
     )
     assert json.loads((extended / "run.json").read_text())["max_steps"] == 6
-    assert [row["loss"] for row in _metrics(extended)] == [row["loss"] for row in _metrics(full)]
+    assert [row["loss"] for row in read_metrics(extended)] == [row["loss"] for row in read_metrics(full)]
     full_weights, extended_weights = (
         load_file(full / "model.safetensors"),
         load_file(extended / "model.safetensors"),
@@ -149,17 +138,16 @@ def test_resume_may_raise_max_steps_under_a_constant_schedule(small_model_dir, p
     capsys.readouterr()
     # Shrinking it, or growing it under a linear decay, changes the run: refused, with the rule.
     assert (
-        main(_train_args(small_model_dir, pairs_file, extended, *constant, "--max-steps", "5", "--resume"))
+        main(train_args(small_model_dir, pairs_file, extended, *constant, "--max-steps", "5", "--resume"))
         == 2
     )
     assert "--max-steps 6 -> 5" in capsys.readouterr().err
     decaying = tmp_path / "decaying"
     assert (
-        main(_train_args(small_model_dir, pairs_file, decaying, "--objective", "dpo", "--max-steps", "3"))
-        == 0
+        main(train_args(small_model_dir, pairs_file, decaying, "--objective", "dpo", "--max-steps", "3")) == 0
     )
     capsys.readouterr()
-    args = _train_args(
+    args = train_args(
         small_model_dir, pairs_file, decaying, "--objective", "dpo", "--max-steps", "6", "--resume"
     )
     assert main(args) == 2
@@ -177,7 +165,7 @@ def test_checkpoints_of_a_tied_embedding_model_log_no_shared_tensor_warning(
     assert AutoModelForCausalLM.from_pretrained(small_model_dir).config.tie_word_embeddings
     out = tmp_path / "run"
     with caplog.at_level("WARNING"):
-        args = _train_args(small_model_dir, pairs_file, out, "--max-steps", "2", "--save-steps", "1")
+        args = train_args(small_model_dir, pairs_file, out, "--max-steps", "2", "--save-steps", "1")
         assert main(args) == 0
     assert list(out.glob("checkpoint-*"))  # written (and the warning would have come with each)
     assert not [r for r in caplog.records if "Removed shared tensor" in r.getMessage()]
@@ -199,24 +187,24 @@ def test_second_run_reads_reference_cache_without_loading_reference_model(
 
     monkeypatch.setattr(models, "load_model", counting)
     args = ("--max-steps", "1", "--ref-model", str(ref_dir))
-    assert main(_train_args(small_model_dir, pairs_file, tmp_path / "a", *args)) == 0
+    assert main(train_args(small_model_dir, pairs_file, tmp_path / "a", *args)) == 0
     assert str(ref_dir) in loaded
     loaded.clear()
-    assert main(_train_args(small_model_dir, pairs_file, tmp_path / "b", *args)) == 0
+    assert main(train_args(small_model_dir, pairs_file, tmp_path / "b", *args)) == 0
     assert str(ref_dir) not in loaded
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["reference_cached"] is True
-    first_a, first_b = _metrics(tmp_path / "a")[0], _metrics(tmp_path / "b")[0]
+    first_a, first_b = read_metrics(tmp_path / "a")[0], read_metrics(tmp_path / "b")[0]
     assert first_a["loss"] == pytest.approx(first_b["loss"], rel=1e-6)
 
 
 def test_on_the_fly_reference_matches_precomputed(small_model_dir, pairs_file, tmp_path):
     base = ("--max-steps", "3", "--objective", "dpo")
-    assert main(_train_args(small_model_dir, pairs_file, tmp_path / "pre", *base)) == 0
+    assert main(train_args(small_model_dir, pairs_file, tmp_path / "pre", *base)) == 0
     assert (
-        main(_train_args(small_model_dir, pairs_file, tmp_path / "fly", *base, "--reference", "on-the-fly"))
+        main(train_args(small_model_dir, pairs_file, tmp_path / "fly", *base, "--reference", "on-the-fly"))
         == 0
     )
-    for a, b in zip(_metrics(tmp_path / "pre"), _metrics(tmp_path / "fly")):
+    for a, b in zip(read_metrics(tmp_path / "pre"), read_metrics(tmp_path / "fly")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
 
 
@@ -227,8 +215,8 @@ def test_lora_changes_only_adapters_and_reference_is_base(small_model_dir, pairs
     out = tmp_path / "lora"
     extra = ("--max-steps", "3", "--lora-r", "4", "--lora-target-modules", "q_proj", "v_proj",
              "--reference", "on-the-fly")  # fmt: skip
-    assert main(_train_args(small_model_dir, pairs_file, out, *extra)) == 0
-    first = _metrics(out)[0]
+    assert main(train_args(small_model_dir, pairs_file, out, *extra)) == 0
+    first = read_metrics(out)[0]
     assert first["loss"] == pytest.approx(torch.log(torch.tensor(4.0)).item(), abs=1e-5)
     base = AutoModelForCausalLM.from_pretrained(small_model_dir)
     reference = {k: v.clone() for k, v in base.state_dict().items()}
@@ -252,9 +240,9 @@ def test_chosen_decline_warning(small_model_dir, pairs_file, tmp_path, capsys):
         "--chosen-decline-warning",
         "0.5",
     )
-    assert main(_train_args(small_model_dir, pairs_file, tmp_path / "run", *extra)) == 0
+    assert main(train_args(small_model_dir, pairs_file, tmp_path / "run", *extra)) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    rows = _metrics(tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
     declined = [r["step"] for r in rows if r["logps/chosen_change"] < -0.5]
     assert declined, "the setting did not make the chosen log-prob decline; the test needs a harsher one"
     assert summary["chosen_decline_warning_step"] == declined[0]
@@ -268,10 +256,10 @@ def test_several_rejected_per_prompt_and_yaml_config(small_model_dir, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("objective: dpo\nbeta: 0.3\nmax_steps: 2\nlearning_rate: 1.0e-3\n")
     out = tmp_path / "run"
-    args = _train_args(small_model_dir, data, out, "--config", str(config), "--beta", "0.7")
+    args = train_args(small_model_dir, data, out, "--config", str(config), "--beta", "0.7")
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["objective"] == "dpo" and summary["beta"] == 0.7  # flags win over the file
-    first = _metrics(out)[0]
+    first = read_metrics(out)[0]
     # K = 3 negatives, T = 0: the listwise DV loss is log(K + 1).
     assert first["loss"] == pytest.approx(torch.log(torch.tensor(4.0)).item(), abs=1e-5)
