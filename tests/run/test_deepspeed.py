@@ -20,11 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from miopt.cli import main
+from tests.helpers import read_metrics
 from tests.run.test_distributed import (
     _assert_same_run,
     _interrupted_copy,
     _launch,
-    _metrics,
     _train_args,
     _write_sft_data,
     assert_same_sft_run,
@@ -80,7 +80,7 @@ def test_zero_two_processes_match_one_process_on_the_same_global_batch(zero):
     assert max((final[k] - start[k]).abs().max().item() for k in start) > 1e-4  # the weights moved
     summary = json.loads((zero.ds / "summary.json").read_text())
     assert summary["steps"] == 4
-    assert len(_metrics(zero.ds)) == 4  # one line per step, not one per process
+    assert len(read_metrics(zero.ds)) == 4  # one line per step, not one per process
     assert zero.log.count("full-logits log-probs") == (1 if zero.stage == 3 else 0)
 
 
