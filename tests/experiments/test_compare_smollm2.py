@@ -79,28 +79,26 @@ def test_plateau_stops_when_a_segment_gains_less_than_min_gain(tmp_path, monkeyp
 
 def test_plateau_segments_continue_one_run_exactly(tmp_path, monkeypatch):
     """Two segments of 2 steps end on the same weights as one uninterrupted 4-step run."""
-    import miopt.training.sft as sft_module
-
     monkeypatch.setattr(preset_module, "greedy_accuracy", lambda *args: 0.5)
     segmented = tiny_preset(
         sft=PlateauSFT(segment_steps=2, max_segments=2, min_segments=2, train_problems=48)
     )
     whole = tiny_preset(sft=PlateauSFT(segment_steps=4, max_segments=1, min_segments=1, train_problems=48))
     torch.set_num_threads(1)
-    original, starts = sft_module.sft_on_examples, []
+    original, starts = preset_module.sft_on_examples, []
 
     def recording(options, *args, **kwargs):
         checkpoints = sorted(path.name for path in (tmp_path / "a").glob("checkpoint-*"))
         starts.append((options.max_steps, options.resume, checkpoints))
         return original(options, *args, **kwargs)
 
-    monkeypatch.setattr(sft_module, "sft_on_examples", recording)
+    monkeypatch.setattr(preset_module, "sft_on_examples", recording)
     a = plateau_sft(segmented, "builtin:arith", [], tmp_path / "a", progress=False)
     # the second segment continued from the first one's last step; it did not train from scratch
     assert starts == [(2, None, []), (4, "latest", ["checkpoint-0000002"])]
     rows = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(row)["step"] for row in rows] == [2, 4]  # one row per segment end, none twice
-    monkeypatch.setattr(sft_module, "sft_on_examples", original)
+    monkeypatch.setattr(preset_module, "sft_on_examples", original)
     b = plateau_sft(whole, "builtin:arith", [], tmp_path / "b", progress=False)
     weights_a, weights_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert weights_a.keys() == weights_b.keys()
@@ -260,16 +258,14 @@ def test_settings_are_chosen_per_arm_on_validation_and_the_chosen_seed0_run_is_n
         scored.append((spec.objective, spec.preference["learning_rate"]))
         return scores[scored[-1]]
 
-    import miopt.training.preference as train_module
-
-    original_train = train_module.train_on_examples
+    original_train = runs_module.train_on_examples
 
     def counting_train(options, *args, **kwargs):
         trained.append((options.objective, options.learning_rate, options.seed))
         return original_train(options, *args, **kwargs)
 
     monkeypatch.setattr(runs_module, "validation_score", validation_score)
-    monkeypatch.setattr(train_module, "train_on_examples", counting_train)
+    monkeypatch.setattr(runs_module, "train_on_examples", counting_train)
     table = run_compare(options, preset=preset)
 
     assert sorted(scored) == sorted(scores)
