@@ -16,6 +16,7 @@ import importlib.abc
 import importlib.machinery
 import sys
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 __version__ = "0.1.0"
@@ -67,6 +68,22 @@ def _new_name(fullname: str) -> str | None:
     if len(parts) < 2 or parts[0] != __name__ or parts[1] not in MOVED_MODULES:
         return None
     return ".".join([__name__, MOVED_MODULES[parts[1]], *parts[2:]])
+
+
+def names_of(package: str, module: str):
+    """A package's ``__getattr__`` that hands out the names of its submodule ``module`` (the module that
+    stood where the package now is), imported on first use so that importing a sibling submodule does
+    not load it; a submodule's own name is left to the import system."""
+    folder = Path(sys.modules[package].__file__).parent
+
+    def __getattr__(name: str):
+        if not name.startswith("__") and not (folder / f"{name}.py").exists():
+            target = importlib.import_module(f"{package}.{module}")
+            if hasattr(target, name):
+                return getattr(target, name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
 
 
 class _MovedModuleLoader(importlib.abc.Loader):
