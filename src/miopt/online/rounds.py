@@ -343,12 +343,12 @@ def update_policy(
     model,
     tokenizer,
     pairs: Sequence[Pair],
-    folder: Path,
-    policy: str,
-    reference: str | None,
+    train_options: TrainOptions,
     accelerator,
 ) -> dict[str, Any]:
-    """Step 3: preference training on the round's pairs into ``folder``; returns the row's training part."""
+    """Step 3: preference training on the round's pairs with ``train_options`` (its ``output_dir``: the
+    round's folder; :func:`_round_train_options`); returns the row's training part."""
+    folder = Path(train_options.output_dir)
 
     examples, report = tokenize_examples(
         [pair.prompt for pair in pairs],
@@ -364,7 +364,7 @@ def update_policy(
         save_model(model, tokenizer, folder)
         return {"steps": 0}
     summary = train_on_examples(
-        _round_train_options(options, folder, policy, reference, index),
+        train_options,
         model,
         tokenizer,
         examples,
@@ -402,7 +402,15 @@ def run_round(
     temporary = atomic_directory(round_dir(output_dir, index))
     write_round_files(temporary, records, samples, scored.rewards, scored.scores, pairs)
     row.update(
-        update_policy(options, index, model, tokenizer, pairs, temporary, policy, reference, accelerator)
+        update_policy(
+            options,
+            index,
+            model,
+            tokenizer,
+            pairs,
+            _round_train_options(options, temporary, policy, reference, index),
+            accelerator,
+        )
     )
     trained = time.perf_counter()
 
